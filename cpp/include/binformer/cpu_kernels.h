@@ -24,5 +24,6 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 void pack_sign(const PackSignParams& p);
 void sign_matmul(const SignMatmulParams& p);
 void attention_fwd(const AttentionFwdParams& p);
+void attention_bwd(const AttentionBwdParams& p);
 
 }  // namespace binformer::cpu

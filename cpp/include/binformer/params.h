@@ -90,6 +90,51 @@ struct AttentionFwdParams {
   void* workspace;
 };
 
+// Backward of attention_fwd (flash-style: scores recomputed from the bits and the saved lse,
+// never an N x N buffer except dbias when the caller asks for it).
+//   dV = P^T dO,  dP = dO V^T,  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D)
+//   with dot_ij = <sign q_i, sign k_j> and S_ij = scale * a_i * b_j * dot_ij + bias:
+//   dq_scale_i = sum_j dS_ij * scale * b_j * dot_ij          (per token; the binding reduces
+//   dk_scale_j = sum_i dS_ij * scale * a_i * dot_ij           it to the scale's own shape)
+//   dq_sign_i  = sum_j dS_ij * scale * a_i * b_j * sign(k_j)  (d floats; "ste" mode only: the
+//   dk_sign_j  = sum_i dS_ij * scale * a_i * b_j * sign(q_i)   binding applies the |x|<=1 mask)
+//   dbias_ij   = dS_ij;  drel_pos_table[h, idx(i,j)] += dS_ij
+// pv_int8 is differentiated as if P.V were exact (straight-through over both quantizers).
+// Results must be deterministic: the same inputs give the same bits (no float atomics whose
+// order varies; reduce fixed partitions in a fixed order).
+struct AttentionBwdParams {
+  int64_t B, H, Nq, Nk;
+  int head_dim, v_dim;
+  const uint32_t* q_bits; int64_t q_stride[3];   // packed [B,H,Nq,words_for(d)]
+  const uint32_t* k_bits; int64_t k_stride[3];
+  // v, out, dout share v_dtype (fp32/fp16/bf16).
+  const void* v; DType v_dtype; int64_t v_stride[3];
+  const void* out; int64_t out_stride[3];
+  const void* dout; int64_t dout_stride[3];
+  const float* lse;  // [B,H,Nq] contiguous, from the forward
+
+  const float* q_scale; int64_t q_scale_stride[3];
+  const float* k_scale; int64_t k_scale_stride[3];
+  const void* bias; DType bias_dtype; int64_t bias_stride[4];
+  const float* rel_pos_table; int64_t rel_pos_table_stride_h;
+  int rel_pos_wh, rel_pos_ww;
+  int num_prefix_tokens;
+  float scale;
+  bool causal;
+
+  // Outputs, all fp32 and contiguous; nullptr = not wanted. Every wanted output is fully
+  // written (drel_pos_table too: the kernel zero-fills it first).
+  float* dv;              // [B,H,Nk,Dv]
+  float* dq_scale;        // [B,H,Nq]
+  float* dk_scale;        // [B,H,Nk]
+  float* dq_sign;         // [B,H,Nq,d]
+  float* dk_sign;         // [B,H,Nk,d]
+  float* dbias;           // [B,H,Nq,Nk]
+  float* drel_pos_table;  // [H, (2Wh-1)(2Ww-1)+3]
+
+  void* workspace;  // CUDA only: attention_bwd_workspace_bytes(params) bytes
+};
+
 // Relative-position bias index (SPEC.md section 1), shared by every implementation.
 // Tokens are numbered with num_prefix cls tokens first, then Wh x Ww patches row-major.
 #if defined(__CUDACC__)

@@ -16,4 +16,7 @@ cudaError_t sign_matmul(const SignMatmulParams& p, cudaStream_t stream);
 size_t attention_fwd_workspace_bytes(const AttentionFwdParams& p);
 cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream);
 
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p);
+cudaError_t attention_bwd(const AttentionBwdParams& p, cudaStream_t stream);
+
 }  // namespace binformer::cuda
