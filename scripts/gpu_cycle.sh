@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One build-test-benchmark cycle on the lent GPU machine (see bench/NOTES.md). Logs go to $OUT.
+# Usage: bash scripts/gpu_cycle.sh [build] [gtest] [pytest] [sanitize] [bench] [bench_bwd] [ncu] [train]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=" $* "
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/cycle.log"; }
+# Wheels carried in .whl (nvidia-cutlass for the headers, sageattention as a peer).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+if [[ $steps == *" build "* ]]; then
+  log "build: CUDA library + gtest (sm_90a, every instantiation)"
+  if [ -f .carry/libbinformer_cuda.a ]; then log "(prebuilt library carried)"; fi
+  cmake -S . -B build-tests -G Ninja -DBINFORMER_BUILD_PYTHON=OFF -DBINFORMER_BUILD_TESTS=ON \
+        -DBINFORMER_CUDA_ARCHS=90a > "$OUT/build.log" 2>&1 &&
+  cmake --build build-tests -j 16 >> "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
+  log "build: torch binding against the built library"
+  python3 -m pip install -q --no-build-isolation --no-deps . \
+      -Ccmake.define.BINFORMER_PREBUILT_CUDA_LIB="$PWD/build-tests/libbinformer_cuda.a" \
+      -Ccmake.define.BINFORMER_CUDA_ARCHS=90a -Cbuild-dir=build-wheel >> "$OUT/build.log" 2>&1 \
+      || { log "WHEEL BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
+  python3 -c "import binformer, torch; print('binformer', binformer.__file__, 'cuda:', binformer.has_cuda())" 2>&1 | tee -a "$OUT/cycle.log"
+fi
+if [[ $steps == *" gtest "* ]]; then
+  log "gtest CUDA"
+  timeout 300 ./build-tests/binformer_cuda_tests --gtest_brief=1 > "$OUT/gtest_cuda.log" 2>&1; log "gtest rc=$?"
+  tail -15 "$OUT/gtest_cuda.log"
+fi
+if [[ $steps == *" sanitize "* ]]; then
+  for tool in memcheck racecheck; do
+    log "compute-sanitizer $tool"
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 3 ./build-tests/binformer_cuda_tests \
+        --gtest_filter="${SANITIZE_FILTER:-*Sanitize*}" > "$OUT/sanitize_$tool.log" 2>&1; log "$tool rc=$?"
+    tail -5 "$OUT/sanitize_$tool.log"
+  done
+fi
+if [[ $steps == *" pytest "* ]]; then
+  log "pytest (CUDA + CPU)"
+  (cd tests && timeout 400 python3 -m pytest -q -x -p no:cacheprovider -n 8 python ${PYTEST_ARGS:-}) > "$OUT/pytest.log" 2>&1
+  log "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+fi
+if [[ $steps == *" bench "* ]]; then
+  log "bench forward"
+  timeout 420 python3 bench/bench_gpu.py --out "$OUT/gpu_forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -20
+fi
+if [[ $steps == *" bench_bwd "* ]]; then
+  log "bench backward"
+  timeout 300 python3 bench/bench_gpu_bwd.py --out "$OUT/gpu_backward.json" 2>&1 | tee "$OUT/bench_bwd.log" | tail -12
+fi
+if [[ $steps == *" ncu "* ]]; then
+  log "ncu"
+  timeout 240 ncu --clock-control none --kernel-name regex:attention_fwd --launch-skip 2 --launch-count 1 --set full \
+      -o "$OUT/ncu_attention_fwd" python3 bench/ncu_target.py > "$OUT/ncu.log" 2>&1; log "ncu rc=$?"
+  ncu --import "$OUT/ncu_attention_fwd.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+  grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issue Slot|Warp Cycles|Stall" "$OUT/ncu_details.txt" | head -40
+fi
+if [[ $steps == *" train "* ]]; then
+  log "digits training on GPU"
+  timeout 300 python3 examples/train_digits.py --out "$OUT/digits_training_gpu.json" 2>&1 | tail -8
+fi
+log "done"
