@@ -34,6 +34,7 @@ __all__ = [
     "sign_matmul_reference",
     "rel_pos_index",
     "quantize_v_int8",
+    "attention_scores_reference",
     "attention_reference",
     "sign_ste",
     "fake_quant_p",
@@ -146,10 +147,9 @@ def _signs(x: torch.Tensor, d: int, grad_mode: str) -> torch.Tensor:
     return _sign_constant(x)
 
 
-def attention_reference(
+def attention_scores_reference(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     *,
     q_scale: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
@@ -160,17 +160,9 @@ def attention_reference(
     head_dim: int | None = None,
     scale: float | None = None,
     is_causal: bool = False,
-    pv_int8: bool = False,
-    return_lse: bool = False,
     grad_mode: str = "ste",
-):
-    """Float64 reference of :func:`binformer.attention` (same arguments, no validation).
-
-    Returns float64 ``out [B, H, Nq, Dv]`` (and float64 ``lse [B, H, Nq]`` with
-    ``return_lse``), differentiable w.r.t. every floating input: q / k through the
-    straight-through sign in ``"ste"`` mode (none in ``"hamming"`` mode), and v, q_scale,
-    k_scale, bias, rel_pos_table exactly. lse is differentiable here too.
-    """
+) -> torch.Tensor:
+    """Float64 scores ``S [B, H, Nq, Nk]`` of :func:`attention_reference`, masked entries -inf."""
     if grad_mode not in ("ste", "hamming"):
         raise ValueError(f"grad_mode must be 'ste' or 'hamming', got {grad_mode!r}")
     B, H, Nq = q.shape[:3]
@@ -196,17 +188,49 @@ def attention_reference(
     if is_causal:
         future = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(future, -math.inf)
+    return s
 
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    rel_pos_table: torch.Tensor | None = None,
+    rel_pos_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    head_dim: int | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    pv_int8: bool = False,
+    return_lse: bool = False,
+    grad_mode: str = "ste",
+):
+    """Float64 reference of :func:`binformer.attention` (same arguments, no validation).
+
+    Returns float64 ``out [B, H, Nq, Dv]`` (and float64 ``lse [B, H, Nq]`` with
+    ``return_lse``), differentiable w.r.t. every floating input: q / k through the
+    straight-through sign in ``"ste"`` mode (none in ``"hamming"`` mode), and v, q_scale,
+    k_scale, bias, rel_pos_table exactly. lse is differentiable here too.
+    """
+    s = attention_scores_reference(
+        q, k, q_scale=q_scale, k_scale=k_scale, bias=bias, rel_pos_table=rel_pos_table,
+        rel_pos_grid=rel_pos_grid, num_prefix_tokens=num_prefix_tokens, head_dim=head_dim, scale=scale,
+        is_causal=is_causal, grad_mode=grad_mode,
+    )
     # Softmax with the fully-masked-row rule. The shift m is a constant for the gradient
     # (softmax does not depend on it); rows whose max is -inf use 0 so exp gives exact zeros.
+    # A NaN score makes its row's max NaN, which then reaches out and lse (IEEE propagation).
     m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(m == -math.inf, 0.0, m)
+    fully_masked = m == -math.inf
+    m = torch.where(fully_masked, 0.0, m)
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
-    has_keys = l > 0
-    l_safe = torch.where(has_keys, l, 1.0)
-    v64 = v.to(_F64)
-    out = (e @ v64) / l_safe
+    l_safe = torch.where(fully_masked, 1.0, l)
+    out = (e @ v.to(_F64)) / l_safe
     if pv_int8:
         v_q, dq = quantize_v_int8(v)
         p_q = torch.round(e.detach() * 255)  # uint8 steps of the final row max
@@ -214,7 +238,7 @@ def attention_reference(
         out = out + (out_q - out.detach())  # value of out_q, gradient of the exact P V
     if not return_lse:
         return out
-    lse = torch.where(has_keys, m + torch.log(l_safe), -math.inf).squeeze(-1)
+    lse = torch.where(fully_masked, -math.inf, m + torch.log(l_safe)).squeeze(-1)
     return out, lse
 
 
