@@ -18,7 +18,7 @@ methods of SPEC.md section 1:
 
 from __future__ import annotations
 
-import math
+import inspect
 from typing import Callable, Iterable, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -203,6 +203,23 @@ class BinaryAttention(nn.Module):
         else:
             self.q_weight = None
             self.k_weight = None
+
+    @classmethod
+    def with_options(cls, **options) -> Type["BinaryAttention"]:
+        """A subclass whose constructor defaults to ``options``: for timm's ``attn_layer``, which must be
+        a class (``functools.partial`` is refused by timm's ``issubclass`` check), e.g.
+        ``VisionTransformer(..., attn_layer=BinaryAttention.with_options(rel_pos_grid=(14, 14)))``."""
+        accepted = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.with_options: unknown option(s) {unknown}")
+        base_init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            base_init(self, *args, **{**options, **kwargs})
+
+        return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__, "default_options": dict(options)})
 
     # ------------------------------------------------------------------ construction from float
 
@@ -394,6 +411,9 @@ def convert(
     if not types:
         raise RuntimeError("convert: timm cannot be imported, so there is no timm Attention to replace; "
                            "pass attention_types=(YourAttention,) for a timm-style model of your own")
+    targets = [(name, m) for name, m in model.named_modules() if type(m) in types]
+    if not targets:
+        raise ValueError(f"convert: no module of type {[t.__name__ for t in types]} in the model")
     options = dict(magnitude=magnitude, token_weights=token_weights,
                    token_weight_hidden=token_weight_hidden, pv_int8=pv_int8, grad_mode=grad_mode)
     if rel_pos:
@@ -407,9 +427,6 @@ def convert(
             raise ValueError(f"convert(rel_pos=True): the model has {prefix} prefix tokens (cls + register "
                              "tokens?); the relative-position bias supports 0 or 1; pass rel_pos=False")
         options.update(rel_pos_grid=grid, num_prefix_tokens=prefix)
-    targets = [(name, m) for name, m in model.named_modules() if type(m) in types]
-    if not targets:
-        raise ValueError(f"convert: no module of type {[t.__name__ for t in types]} in the model")
     for name, attn in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
