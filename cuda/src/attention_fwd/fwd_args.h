@@ -1,0 +1,69 @@
+// The forward kernel's argument block: AttentionFwdParams after validation, with everything the
+// kernel would otherwise recompute per block (alignment decisions, broadcast classification,
+// workspace pointers) decided once on the host.
+#pragma once
+#include <cstdint>
+
+#include "binformer/params.h"
+
+namespace binformer::cuda::fwd {
+
+// The K pre-pass (attention_fwd.cu) writes, per (batch*head, key) row of nk_pad rows:
+//   k_bits      [B*H][nk_pad][k_words] uint32   signs of k (flipped where k_scale < 0), zero pad
+//   k_colc      [B*H][nk_pad] float            -(2^23 + 2^22) - 2*popcount(k bits): the column
+//                                               half of the popcount correction, see kernel.h
+//   k_scale_abs [B*H][nk_pad] float            |b_j|, only for per-token k_scale (else nullptr)
+//   relpos_off  [nk_pad] int                   rel-pos column offset y_j*(2Ww-1)+x_j (0 for cls)
+// Rows at or past Nk are zero bits with k_colc = -(2^23 + 2^22), k_scale_abs = 0, relpos_off = 0.
+struct FwdArgs {
+  int B, H, Nq, Nk;
+  int d;             // sign bits per q/k row
+  int dv;            // value channels (<= the kernel's padded width)
+  int q_words;       // ceil(d / 32): words of a packed row
+  int k_words;       // 4 (d <= 128: one m16n8k128 b1 mma) or 8 (d <= 256: one m16n8k256)
+  int num_m_blocks;  // ceil(Nq / block_m), filled in by the launcher
+
+  // q: float rows packed in the kernel, or prepacked bits.
+  const void* q;
+  DType q_dtype;
+  int64_t q_stride[3];
+  bool q_vec_ok;  // 16-byte vector loads are aligned for every row
+
+  const uint32_t* k_bits;
+  const float* k_colc;
+  const float* k_scale_abs;
+  const int* relpos_off;
+  int nk_pad;
+
+  const void* v;  // fp16 / bf16 / fp32 / int8 (pv_int8)
+  int64_t v_stride[3];
+  bool v_async_ok;  // every V row chunk is 16-byte aligned (cp.async); else synchronous copies
+
+  void* out;
+  DType out_dtype;
+  int64_t out_stride[3];
+  int out_vec;  // widest aligned store, in elements: 4, 2 or 1
+  float* lse;   // [B,H,Nq] or nullptr
+
+  // Row factor a_i (any broadcast) and, when k_scale is constant per (b,h), that constant.
+  const float* q_scale;
+  int64_t q_scale_stride[3];
+  const float* k_scale_head;  // per-(b,h) k_scale folded into the row factor, or nullptr
+  int64_t k_scale_head_stride[2];
+  float scale;
+
+  const void* bias;  // dense additive bias or nullptr
+  DType bias_dtype;
+  int64_t bias_stride[4];
+  bool bias_pair_ok;  // last stride 1 and pairs of elements aligned for one vector load
+
+  const float* relpos_table;  // [H, T] or nullptr
+  int64_t relpos_table_stride_h;
+  int relpos_wh, relpos_ww, relpos_prefix, relpos_table_size;
+  bool relpos_in_smem;  // the head's table is copied to shared memory (else read through L1)
+
+  bool causal;
+  const float* v_dequant;  // [B,H,Dv] (pv_int8)
+};
+
+}  // namespace binformer::cuda::fwd

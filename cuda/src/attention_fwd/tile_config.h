@@ -1,0 +1,102 @@
+// Tile shapes of the forward attention kernel, one per (P.V kind, padded value width).
+//
+// Host- and device-visible constexpr on purpose: the GoogleTest driver includes this header to
+// emulate the pv_int8 quantization exactly (P is rounded against the *running* row maximum, so
+// the result depends on the key-tile size and on the order in which key tiles are visited).
+//
+// Why these shapes (H100, mma.sync; details and predictions in cuda/NOTES_attention_fwd.md):
+// - Every warp owns kMTiles x 16 query rows. Two m16 tiles per warp reuse each V fragment read
+//   from shared memory twice: at Dv = 64 one m-tile per warp would need 8 bytes of ldmatrix
+//   traffic per score element (16 elements/clk/SM at 128 B/clk), exactly the exp (MUFU) rate;
+//   two m-tiles halve it.
+// - Registers per thread ~ kMTiles*Dv/2 (O accumulator) + kMTiles*block_n/2 (scores): for
+//   Dv = 128 the key tile shrinks to 32 to stay below 255 registers without spills; for Dv = 256
+//   a warp keeps one m-tile (128 accumulator registers) and the block has 8 warps.
+#pragma once
+
+#if defined(__CUDACC__)
+#define BINFORMER_FWD_HD __host__ __device__
+#else
+#define BINFORMER_FWD_HD
+#endif
+
+// Compile-time knobs (for measurements; defaults are the tuned choice).
+#ifndef BINFORMER_FWD_STAGES
+#define BINFORMER_FWD_STAGES 2  // cp.async pipeline depth for the K-bit / V tiles
+#endif
+
+namespace binformer::cuda::fwd {
+
+// How P.V is computed, i.e. the element type of V in shared memory.
+enum class PvKind : int {
+  kF16 = 0,     // V fp16, P rounded to fp16, mma.sync m16n8k16 with fp32 accumulation
+  kBF16 = 1,    // V bf16, P rounded to bf16, same mma in bf16
+  kTF32x3 = 2,  // V fp32: big/small tf32 split of P and V, three m16n8k8 mma (~fp32 accuracy)
+  kU8S8 = 3,    // pv_int8: P quantized to u8, V int8, mma.sync m16n8k32 u8.s8 -> s32
+};
+
+struct TileShape {
+  int warps;    // warps per block
+  int m_tiles;  // m16 row tiles per warp
+  int block_n;  // keys per tile (multiple of 32)
+  int stages;   // cp.async pipeline stages
+};
+
+// has_bias: a dense or rel-pos bias keeps the prefilled bias tile in registers next to the
+// accumulator, so those kernels use 32-key tiles to stay spill-free.
+BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool has_bias) {
+  const int st = BINFORMER_FWD_STAGES;
+  TileShape shape{4, 2, 64, st};
+  if (pv == PvKind::kTF32x3) {
+    if (dv_pad > 64) shape = dv_pad <= 128 ? TileShape{4, 2, 32, st} : TileShape{4, 1, 32, st};
+  } else if (dv_pad > 96) {
+    shape = dv_pad <= 128 ? TileShape{4, 2, 32, st} : TileShape{8, 1, 64, st};
+  }
+  if (has_bias) shape.block_n = 32;
+  return shape;
+}
+
+BINFORMER_FWD_HD constexpr int fwd_block_m(PvKind pv, int dv_pad, bool has_bias) {
+  return fwd_tile_shape(pv, dv_pad, has_bias).warps * 16 *
+         fwd_tile_shape(pv, dv_pad, has_bias).m_tiles;
+}
+
+// The value widths with their own (unmasked) kernels for fp16/bf16 V. Any other multiple of 8
+// runs the next "generic" padded width with masked loads and stores.
+BINFORMER_FWD_HD constexpr bool fwd_is_specialised_dv(int dv) {
+  return dv == 32 || dv == 64 || dv == 72 || dv == 80 || dv == 96 || dv == 128 || dv == 256;
+}
+BINFORMER_FWD_HD constexpr int fwd_generic_dv_pad(int dv) {
+  return dv <= 32 ? 32 : dv <= 64 ? 64 : dv <= 128 ? 128 : 256;
+}
+
+// The padded value width and masking the dispatcher picks. fp32 V and pv_int8 always use the
+// padded generic widths (masked), fp16/bf16 V use the exact kernel when one exists.
+struct FwdConfig {
+  PvKind pv;
+  int dv_pad;
+  bool dv_masked;
+};
+BINFORMER_FWD_HD constexpr FwdConfig fwd_select_config(PvKind pv, int dv) {
+  if ((pv == PvKind::kF16 || pv == PvKind::kBF16) && fwd_is_specialised_dv(dv)) {
+    return FwdConfig{pv, dv, false};
+  }
+  return FwdConfig{pv, fwd_generic_dv_pad(dv), true};
+}
+
+// Key tiles are visited from the last one to the first (the tiles that need masking, at the end
+// of the key range or on the causal diagonal, come first). pv_int8 rounds P against the running
+// maximum, which therefore grows in this order, one key tile of fwd_tile_shape().block_n at a
+// time.
+inline constexpr bool kFwdKeyTilesBackward = true;
+
+// The online softmax rescales the output accumulator only when the row maximum grew by more
+// than this many powers of two (FlashAttention-4's conditional rescaling); in between, P values
+// up to 2^threshold are fed to the P.V product, which is harmless for fp16/bf16/tf32 P.
+// pv_int8 always uses 0 (P must stay <= 1 to fit in u8, and the contract fixes the quantization
+// to the running maximum).
+#ifndef BINFORMER_FWD_RESCALE_THRESHOLD
+#define BINFORMER_FWD_RESCALE_THRESHOLD 8.0f
+#endif
+
+}  // namespace binformer::cuda::fwd
