@@ -22,7 +22,8 @@ Error model of attention (per query row i, output channel c):
 * If P is rounded to v's dtype for the P.V product (tensor cores; CPU BF16 dot products), each
   term gains a relative error u_v: ``+ u_v M_ic``. CUDA with fp32 V may run P.V in tf32 (P and V
   rounded to 10-bit mantissas): ``+ 2 * 2^-11 M_ic``. On CPU fp32 V keeps fp32 P.
-* The result is rounded once to out's dtype: ``+ u_out |out_ic|``.
+* The result is rounded once to out's dtype: ``+ u_out |out_ic|`` (plus half the subnormal
+  spacing of that dtype, for results below its normal range; the same for gradients).
 * pv_int8 (both quantizers, see attention_tolerances): each quantized probability differs from
   exp(s - m) by at most ``min(0.5/255, e_j)`` in units of the final row max, whichever running
   max the kernel used, and the reference quantizes with the final max: the two differ by at
@@ -39,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -50,6 +52,14 @@ from binformer import reference as ref
 F64 = torch.float64
 U32 = 2.0**-24
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+# Rounding to a dtype errs by <= u |x| for normal numbers and by <= half the subnormal spacing
+# below them (fp16 matters: its subnormals start at 6.1e-5, where small gradients live).
+SUBNORMAL_HALF_SPACING = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.float64: 0.0}
+
+
+def rounding_error(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bound of |round_to(dtype)(x) - x| for float64 values x."""
+    return UNIT_ROUNDOFF[dtype] * x.abs() + SUBNORMAL_HALF_SPACING[dtype]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -240,6 +250,31 @@ def make_inputs(case: Case, device: str, seed: int = 0):
     return to(q), to(k), to(v), {key: to(val) for key, val in kwargs.items()}
 
 
+def random_case(seed: int) -> Case:
+    """A random attention problem (sizes incl. odd ones, every optional input), reproducible."""
+    r = random.Random(seed)
+    dtype = r.choice([torch.float32, torch.float16, torch.bfloat16])
+    d = r.choice([8, 16, 32, 64, 72, 96, 128, 256])
+    dv = r.choice([d, d, 8, 24, 64, 136])
+    if r.random() < 0.25:
+        wh, ww = r.randint(1, 9), r.randint(1, 9)
+        return Case(
+            B=r.randint(1, 2), H=r.randint(1, 3), d=d, Dv=dv, dtype=dtype, rel_pos=(wh, ww, r.randint(0, 1)),
+            q_scale=r.choice([None, "head", "token"]), k_scale=r.choice([None, "head", "token"]),
+            bias=r.choice([None, None, "heads", "keys"]), causal=r.random() < 0.2, pv_int8=r.random() < 0.2,
+            q_bits=r.random() < 0.15, k_bits=r.random() < 0.15,
+        )
+    nq = r.choice([1, 2, 7, 16, 33, 64, 97, 128, 200, 255, 383])
+    nk = nq if r.random() < 0.4 else r.choice([1, 3, 31, 64, 65, 129, 256, 300, 511])
+    return Case(
+        B=r.randint(1, 2), H=r.randint(1, 3), Nq=nq, Nk=nk, d=d, Dv=dv, dtype=dtype,
+        q_scale=r.choice([None, None, "head", "token", "batch"]), k_scale=r.choice([None, None, "head", "token"]),
+        bias=r.choice([None, None, "full", "heads", "keys", "rows"]), causal=r.random() < 0.3,
+        pv_int8=r.random() < 0.2, q_bits=r.random() < 0.15, k_bits=r.random() < 0.15, strided=r.random() < 0.2,
+        scale=r.choice([None, None, None, 0.1, 0.5]),
+    )
+
+
 # -------------------------------------------------------------------------------- comparisons
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor, name: str) -> None:
     """|actual - expected| <= tol elementwise (float64). Non-finite expected values must be
@@ -300,7 +335,7 @@ def attention_tolerances(q, k, v, kwargs, device: str):
         p = e / l_safe
         magnitude = p @ v.to(F64).abs()
         eps = _fp32_row_eps(s, k.shape[2])
-        tol_out = UNIT_ROUNDOFF[v.dtype] * ref_out.abs() + (eps + pv_operand_unit(device, v.dtype)) * magnitude
+        tol_out = rounding_error(ref_out, v.dtype) + (eps + pv_operand_unit(device, v.dtype)) * magnitude
         if kwargs.get("pv_int8"):
             v_q, dq = ref.quantize_v_int8(v)
             v_hat = (v_q.to(F64) * dq.to(F64).unsqueeze(2)).abs()
@@ -382,7 +417,7 @@ def assert_grads_match(grads: dict, ref_grads: dict, tols: dict) -> None:
             assert g is None and r is None, f"d{name}: got {'None' if g is None else 'a tensor'}, reference " \
                                             f"{'None' if r is None else 'a tensor'}"
             continue
-        tol = tols[name] + UNIT_ROUNDOFF[g.dtype] * r.detach().abs()
+        tol = tols[name] + rounding_error(r.detach(), g.dtype)
         assert_within(g, r, tol, f"d{name}")
 
 

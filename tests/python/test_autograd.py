@@ -18,7 +18,7 @@ import torch
 
 import binformer
 from binformer import reference as ref
-from conftest import Case, assert_grads_match, grad_tolerances, make_inputs, randn
+from conftest import Case, assert_grads_match, grad_tolerances, make_inputs, random_case, randn
 
 pytestmark = pytest.mark.bwd
 
@@ -80,6 +80,31 @@ def test_gradients_match_reference(bwd_device, case, grad_mode):
     grads, ref_grads, tols = _grads(case, bwd_device, grad_mode, ALL)
     if grad_mode == "hamming":
         assert grads.get("q") is None and grads.get("k") is None, "hamming mode must give q and k no gradient"
+    assert_grads_match(grads, ref_grads, tols)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_gradients_random(bwd_device, seed):
+    case = random_case(1000 + seed)
+    grad_mode = "ste" if seed % 3 else "hamming"
+    grads, ref_grads, tols = _grads(case, bwd_device, grad_mode, ALL, seed=seed)
+    try:
+        assert_grads_match(grads, ref_grads, tols)
+    except AssertionError as e:
+        raise AssertionError(f"{case} {grad_mode}: {e}") from None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=1, H=1, Nq=1024, Nk=2047, d=64, dtype=torch.float16, q_scale="token", k_scale="token", causal=True),
+        Case(B=1, H=2, rel_pos=(14, 14, 1), q_scale="head", k_scale="head", dtype=torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_gradients_large(bwd_device, case):
+    grads, ref_grads, tols = _grads(case, bwd_device, "ste", ALL)
     assert_grads_match(grads, ref_grads, tols)
 
 

@@ -8,7 +8,6 @@ ISAs (BINFORMER_CPU_ISA=scalar and auto) and on CUDA when a GPU is present.
 from __future__ import annotations
 
 import math
-import random
 import zlib
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 import binformer
 from binformer import reference as ref
-from conftest import HAS_CUDA, Case, check_attention, make_inputs, randn, words_for
+from conftest import HAS_CUDA, Case, check_attention, make_inputs, random_case, randn, words_for
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -154,33 +153,9 @@ def test_attention_is_deterministic(device):
 
 
 # ----------------------------------------------------------------------------- attention: random
-def _random_case(seed: int) -> Case:
-    r = random.Random(seed)
-    dtype = r.choice(FLOATS)
-    d = r.choice([8, 16, 32, 64, 72, 96, 128, 256])
-    dv = r.choice([d, d, 8, 24, 64, 136])
-    if r.random() < 0.25:
-        wh, ww = r.randint(1, 9), r.randint(1, 9)
-        return Case(
-            B=r.randint(1, 2), H=r.randint(1, 3), d=d, Dv=dv, dtype=dtype, rel_pos=(wh, ww, r.randint(0, 1)),
-            q_scale=r.choice([None, "head", "token"]), k_scale=r.choice([None, "head", "token"]),
-            bias=r.choice([None, None, "heads", "keys"]), causal=r.random() < 0.2, pv_int8=r.random() < 0.2,
-            q_bits=r.random() < 0.15, k_bits=r.random() < 0.15,
-        )
-    nq = r.choice([1, 2, 7, 16, 33, 64, 97, 128, 200, 255, 383])
-    nk = nq if r.random() < 0.4 else r.choice([1, 3, 31, 64, 65, 129, 256, 300, 511])
-    return Case(
-        B=r.randint(1, 2), H=r.randint(1, 3), Nq=nq, Nk=nk, d=d, Dv=dv, dtype=dtype,
-        q_scale=r.choice([None, None, "head", "token", "batch"]), k_scale=r.choice([None, None, "head", "token"]),
-        bias=r.choice([None, None, "full", "heads", "keys", "rows"]), causal=r.random() < 0.3,
-        pv_int8=r.random() < 0.2, q_bits=r.random() < 0.15, k_bits=r.random() < 0.15, strided=r.random() < 0.2,
-        scale=r.choice([None, None, None, 0.1, 0.5]),
-    )
-
-
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_attention_random(device, seed):
-    case = _random_case(seed)
+    case = random_case(seed)
     q, k, v, kwargs = make_inputs(case, device, seed=seed)
     try:
         check_attention(q, k, v, kwargs, device)
