@@ -153,6 +153,9 @@ std::string describe(const Case& c) {
   return s.str();
 }
 
+// gtest prints parameters with this (instead of a byte dump).
+void PrintTo(const Case& c, std::ostream* os) { *os << describe(c); }
+
 bool minimal_build() {
 #if defined(BINFORMER_CUDA_MINIMAL)
   return true;

@@ -227,8 +227,12 @@ size_t attention_fwd_workspace_bytes(const AttentionFwdParams& p) {
 cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   if (const cudaError_t err = validate(p); err != cudaSuccess) return err;
   if (p.B == 0 || p.H == 0 || p.Nq == 0) return cudaSuccess;
-  const fwd::FwdConfig config = fwd::fwd_select_config(pv_kind(p), p.v_dim);
-  // In a BINFORMER_CUDA_MINIMAL build only the hdim64 instantiations exist.
+  fwd::FwdConfig config = fwd::fwd_select_config(pv_kind(p), p.v_dim);
+  // In a BINFORMER_CUDA_MINIMAL build only the hdim64 instantiations exist: a masked (padded)
+  // configuration may then run at the next larger padded width that was compiled.
+  while (!instance_available(config) && config.dv_masked && config.dv_pad < kMaxHeadDim) {
+    config.dv_pad *= 2;
+  }
   if (!instance_available(config)) return cudaErrorNotSupported;
 
   const WorkspaceLayout w = workspace_layout(p);

@@ -9,9 +9,11 @@
 //   from shared memory twice: at Dv = 64 one m-tile per warp would need 8 bytes of ldmatrix
 //   traffic per score element (16 elements/clk/SM at 128 B/clk), exactly the exp (MUFU) rate;
 //   two m-tiles halve it.
-// - Registers per thread ~ kMTiles*Dv/2 (O accumulator) + kMTiles*block_n/2 (scores): for
-//   Dv = 128 the key tile shrinks to 32 to stay below 255 registers without spills; for Dv = 256
-//   a warp keeps one m-tile (128 accumulator registers) and the block has 8 warps.
+// - Registers per thread ~ kMTiles*Dv/2 (O accumulator) + kMTiles*block_n/2 (scores) must stay
+//   below 255 without spills: from Dv = 128 on a warp keeps one m-tile (Dv/2 accumulator
+//   registers) and the block has 8 warps (two m-tiles at Dv = 128 spilled even with 32-key
+//   tiles). At Dv = 128 that costs ldmatrix bandwidth: 16 B of V per score element, 8 elem/clk/SM,
+//   slightly below the mma.sync rate (~9.6 elem/clk/SM at Dv = 128); see the notes.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -48,9 +50,9 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
   const int st = BINFORMER_FWD_STAGES;
   TileShape shape{4, 2, 64, st};
   if (pv == PvKind::kTF32x3) {
-    if (dv_pad > 64) shape = dv_pad <= 128 ? TileShape{4, 2, 32, st} : TileShape{4, 1, 32, st};
+    if (dv_pad > 64) shape = dv_pad <= 128 ? TileShape{8, 1, 64, st} : TileShape{4, 1, 32, st};
   } else if (dv_pad > 96) {
-    shape = dv_pad <= 128 ? TileShape{4, 2, 32, st} : TileShape{8, 1, 64, st};
+    shape = TileShape{8, 1, 64, st};
   }
   if (has_bias) shape.block_n = 32;
   return shape;
