@@ -63,7 +63,8 @@ struct FwdTraits {
   static constexpr int kMinBlocksPerSm = kThreads >= 256 ? 1 : 2;
 
   static_assert(kDvPad % 8 == 0 && kDvPad <= 256, "value width");
-  static_assert(kBlockN % 32 == 0, "key tiles are whole k32 chunks (u8 P.V)");
+  static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps");
+  static_assert(kPv != PvKind::kU8S8 || kBlockN % 32 == 0, "u8 P.V consumes k32 steps");
   static_assert(kPv != PvKind::kU8S8 || kDvPad % 16 == 0, "int8 V uses 16-channel ldmatrix rows");
   static_assert(kStages >= 2, "pipeline");
 

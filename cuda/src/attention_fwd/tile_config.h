@@ -44,6 +44,8 @@ struct TileShape {
   int stages;   // cp.async pipeline stages
 };
 
+BINFORMER_FWD_HD constexpr int min_c(int x, int y) { return x < y ? x : y; }
+
 // has_bias: a dense or rel-pos bias keeps the prefilled bias tile in registers next to the
 // accumulator, so those kernels use 32-key tiles to stay spill-free.
 BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool has_bias) {
@@ -52,9 +54,11 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
   if (pv == PvKind::kTF32x3) {
     if (dv_pad > 64) shape = dv_pad <= 128 ? TileShape{8, 1, 64, st} : TileShape{4, 1, 32, st};
   } else if (dv_pad > 96) {
-    shape = TileShape{8, 1, 64, st};
+    shape = TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
   }
-  if (has_bias) shape.block_n = 32;
+  if (has_bias) shape.block_n = min_c(shape.block_n, 32);
+  // Dv = 256 with a bias: 16-key tiles (u8 P.V needs whole k32 steps, and has half the V bytes).
+  if (has_bias && dv_pad > 128 && pv != PvKind::kU8S8) shape.block_n = 16;
   return shape;
 }
 
