@@ -196,155 +196,314 @@ void build_plan(ForwardPlan& plan) {
   });
 }
 
-// ------------------------------------------------------------------ P.V register blocks
-// acc[r][0 .. 16 * kVecs) += sum over the key groups of the block of P[r][group] * V[group][..]
-// for channels [c0, c0 + 16 kVecs); accumulators are first multiplied by alpha[r].
+// ------------------------------------------------------------------ P.V
+// P of one key block for kTileRows rows, in the layout of each P.V mode.
+struct ProbBlock {
+  alignas(64) float f32[kTileRows][kKeyBlock];    // kF32
+  alignas(64) uint16_t u16[kTileRows][kKeyBlock]; // kBf16 (bf16 bits), kInt8Madd (0..255)
+  alignas(64) uint8_t u8[kTileRows][kKeyBlock];   // kInt8Vnni (0..255)
+};
 
-template <int kVecs>
-inline void pv_f32(float* const* acc, const float (*prob)[kKeyBlock], const float* v, int64_t pitch,
-                   int c0, int keys, const float* alpha) {
-  __m512 a[kTileRows][kVecs];
-  for (int r = 0; r < kTileRows; ++r) {
-    const __m512 scale = _mm512_set1_ps(alpha[r]);
-    for (int k = 0; k < kVecs; ++k) a[r][k] = _mm512_mul_ps(_mm512_load_ps(acc[r] + c0 + 16 * k), scale);
-  }
-  const float* vrow = v + c0;
-  for (int t = 0; t < keys; ++t, vrow += pitch) {
-    __m512 vv[kVecs];
-    for (int k = 0; k < kVecs; ++k) vv[k] = _mm512_loadu_ps(vrow + 16 * k);
-    for (int r = 0; r < kTileRows; ++r) {
-      const __m512 pr = _mm512_set1_ps(prob[r][t]);
-      for (int k = 0; k < kVecs; ++k) a[r][k] = _mm512_fmadd_ps(pr, vv[k], a[r][k]);
+template <PvMode kMode>
+using PvAcc = std::conditional_t<kMode == PvMode::kF32 || kMode == PvMode::kBf16, __m512, __m512i>;
+
+// acc[r][k] += sum over the keys [t0, t1) of the block of P[r][t] V[t][c0 + 16 k ..]: v_block is
+// the packed (or direct) V at the block's first key group, `pitch` the elements per key group.
+// t0 is a multiple of the group size; keys in the group tail past t1 have P = 0.
+template <PvMode kMode, int kVecs>
+inline void pv_keys(PvAcc<kMode> (&acc)[kTileRows][kVecs], const ProbBlock& prob, const void* v_block,
+                    int64_t pitch, int c0, int t0, int t1) {
+  if constexpr (kMode == PvMode::kF32) {
+    const float* vrow = static_cast<const float*>(v_block) + t0 * pitch + c0;
+    for (int t = t0; t < t1; ++t, vrow += pitch) {
+      __m512 vv[kVecs];
+      for (int k = 0; k < kVecs; ++k) vv[k] = _mm512_loadu_ps(vrow + 16 * k);
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m512 pr = _mm512_set1_ps(prob.f32[r][t]);
+        for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_fmadd_ps(pr, vv[k], acc[r][k]);
+      }
     }
-  }
-  for (int r = 0; r < kTileRows; ++r)
-    for (int k = 0; k < kVecs; ++k) _mm512_store_ps(acc[r] + c0 + 16 * k, a[r][k]);
-}
-
-template <int kVecs>
-inline void pv_bf16(float* const* acc, const uint16_t (*prob)[kKeyBlock], const uint16_t* v, int64_t pitch,
-                    int c0, int keys, const float* alpha) {
-  __m512 a[kTileRows][kVecs];
-  for (int r = 0; r < kTileRows; ++r) {
-    const __m512 scale = _mm512_set1_ps(alpha[r]);
-    for (int k = 0; k < kVecs; ++k) a[r][k] = _mm512_mul_ps(_mm512_load_ps(acc[r] + c0 + 16 * k), scale);
-  }
-  const uint16_t* vpair = v + 2 * c0;
-  for (int t = 0; t < keys; t += 2, vpair += pitch) {
-    __m512bh vv[kVecs];
-    for (int k = 0; k < kVecs; ++k) vv[k] = (__m512bh)_mm512_loadu_si512(vpair + 32 * k);
-    for (int r = 0; r < kTileRows; ++r) {
-      uint32_t pair;
-      std::memcpy(&pair, &prob[r][t], 4);
-      const __m512bh pr = (__m512bh)_mm512_set1_epi32(int(pair));
-      for (int k = 0; k < kVecs; ++k) a[r][k] = _mm512_dpbf16_ps(a[r][k], pr, vv[k]);
+  } else if constexpr (kMode == PvMode::kBf16) {
+    const uint16_t* vpair = static_cast<const uint16_t*>(v_block) + (t0 / 2) * pitch + 2 * c0;
+    for (int t = t0; t < t1; t += 2, vpair += pitch) {
+      __m512bh vv[kVecs];
+      for (int k = 0; k < kVecs; ++k) vv[k] = (__m512bh)_mm512_loadu_si512(vpair + 32 * k);
+      for (int r = 0; r < kTileRows; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, &prob.u16[r][t], 4);
+        const __m512bh pr = (__m512bh)_mm512_set1_epi32(int(pair));
+        for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], pr, vv[k]);
+      }
     }
-  }
-  for (int r = 0; r < kTileRows; ++r)
-    for (int k = 0; k < kVecs; ++k) _mm512_store_ps(acc[r] + c0 + 16 * k, a[r][k]);
-}
-
-// pv_int8: integer sums of one key block (exact), then acc = acc * alpha + float(sum).
-template <int kVecs, bool kVnni>
-inline void pv_int8(float* const* acc, const uint8_t (*prob_u8)[kKeyBlock], const uint16_t (*prob_u16)[kKeyBlock],
-                    const void* v, int64_t pitch, int c0, int keys, const float* alpha) {
-  __m512i sum[kTileRows][kVecs];
-  for (int r = 0; r < kTileRows; ++r)
-    for (int k = 0; k < kVecs; ++k) sum[r][k] = _mm512_setzero_si512();
-  if constexpr (kVnni) {
-    const int8_t* vquad = static_cast<const int8_t*>(v) + 4 * c0;
-    for (int t = 0; t < keys; t += 4, vquad += pitch) {
+  } else if constexpr (kMode == PvMode::kInt8Vnni) {
+    const int8_t* vquad = static_cast<const int8_t*>(v_block) + (t0 / 4) * pitch + 4 * c0;
+    for (int t = t0; t < t1; t += 4, vquad += pitch) {
       __m512i vv[kVecs];
       for (int k = 0; k < kVecs; ++k) vv[k] = _mm512_loadu_si512(vquad + 64 * k);
       for (int r = 0; r < kTileRows; ++r) {
         uint32_t quad;
-        std::memcpy(&quad, &prob_u8[r][t], 4);
+        std::memcpy(&quad, &prob.u8[r][t], 4);
         const __m512i pr = _mm512_set1_epi32(int(quad));
-        for (int k = 0; k < kVecs; ++k) sum[r][k] = _mm512_dpbusd_epi32(sum[r][k], pr, vv[k]);
+        for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], pr, vv[k]);
       }
     }
-  } else {
-    const int16_t* vpair = static_cast<const int16_t*>(v) + 2 * c0;
-    for (int t = 0; t < keys; t += 2, vpair += pitch) {
+  } else {  // kInt8Madd: u8 P and s8 V widened to int16 pairs
+    const int16_t* vpair = static_cast<const int16_t*>(v_block) + (t0 / 2) * pitch + 2 * c0;
+    for (int t = t0; t < t1; t += 2, vpair += pitch) {
       __m512i vv[kVecs];
       for (int k = 0; k < kVecs; ++k) vv[k] = _mm512_loadu_si512(vpair + 32 * k);
       for (int r = 0; r < kTileRows; ++r) {
         uint32_t pair;
-        std::memcpy(&pair, &prob_u16[r][t], 4);
+        std::memcpy(&pair, &prob.u16[r][t], 4);
         const __m512i pr = _mm512_set1_epi32(int(pair));
-        for (int k = 0; k < kVecs; ++k) sum[r][k] = _mm512_add_epi32(sum[r][k], _mm512_madd_epi16(pr, vv[k]));
+        for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_add_epi32(acc[r][k], _mm512_madd_epi16(pr, vv[k]));
       }
-    }
-  }
-  for (int r = 0; r < kTileRows; ++r) {
-    const __m512 scale = _mm512_set1_ps(alpha[r]);
-    for (int k = 0; k < kVecs; ++k) {
-      float* at = acc[r] + c0 + 16 * k;
-      _mm512_store_ps(at, _mm512_fmadd_ps(_mm512_load_ps(at), scale, _mm512_cvtepi32_ps(sum[r][k])));
     }
   }
 }
 
-// ------------------------------------------------------------------ one task
+constexpr bool is_int8(PvMode mode) { return mode == PvMode::kInt8Vnni || mode == PvMode::kInt8Madd; }
+
+// Float accumulators (in memory, acc_mem[r][c0 + 16 k]): load scaled by alpha, or, for the
+// integer modes, start integer sums of a block at 0.
+template <PvMode kMode, int kVecs>
+inline void pv_begin(PvAcc<kMode> (&acc)[kTileRows][kVecs], float* const* acc_mem, int c0, const float* alpha) {
+  for (int r = 0; r < kTileRows; ++r)
+    for (int k = 0; k < kVecs; ++k) {
+      if constexpr (is_int8(kMode)) {
+        acc[r][k] = _mm512_setzero_si512();
+      } else {
+        acc[r][k] = _mm512_mul_ps(_mm512_load_ps(acc_mem[r] + c0 + 16 * k), _mm512_set1_ps(alpha[r]));
+      }
+    }
+}
+
+// Stores them back; integer block sums are added as acc_mem = acc_mem * alpha + float(sum)
+// (exact integers below 2^24 per block: 128 keys x 255 x 127 < 2^22).
+template <PvMode kMode, int kVecs>
+inline void pv_end(PvAcc<kMode> (&acc)[kTileRows][kVecs], float* const* acc_mem, int c0, const float* alpha) {
+  for (int r = 0; r < kTileRows; ++r)
+    for (int k = 0; k < kVecs; ++k) {
+      float* at = acc_mem[r] + c0 + 16 * k;
+      if constexpr (is_int8(kMode)) {
+        _mm512_store_ps(at, _mm512_fmadd_ps(_mm512_load_ps(at), _mm512_set1_ps(alpha[r]), _mm512_cvtepi32_ps(acc[r][k])));
+      } else {
+        _mm512_store_ps(at, acc[r][k]);
+      }
+    }
+}
+
+// ------------------------------------------------------------------ scores and softmax
+// The rows of one register tile, as the score code reads them. With c_r = scale * a_i * log2(e)
+// (times b when b is constant), the log2-domain score of an integer popcount n = popcount(q ^ k)
+// is (d - 2 n) c_r (b_j) = n * slope_r (b_j) + offset_r (b_j): one FMA on the converted count.
+struct TileRows {
+  const uint32_t* q[kTileRows];  // packed sign words
+  float slope[kTileRows];        // -2 c_r
+  float offset[kTileRows];       // d c_r
+  const float* bias[kTileRows];  // fp32 bias row (caller's or expanded), when there is a bias
+  int32_t key_limit[kTileRows];  // keys j >= key_limit are masked: Nk, or min(Nk, i + 1) if causal
+  int32_t unmasked_end;          // min over rows of key_limit: vectors below it need no mask
+};
+
+// x = s - m for row r and the 16 keys [j, j + 16) (log2 domain), -inf where masked, from
+//   s = n * slope_r (b_j) + offset_r (b_j) + bias * log2(e);
+// *clamped tells whether x may hold -inf (then exp needs the clamp).
+template <bool kBias, bool kKeyFactor>
+inline __m512 shifted_score(const TileRows& rows, int r, const HeadInputs& head, int words, int64_t j, float m,
+                            bool* may_be_neg_inf) {
+  const uint32_t* k_group = head.k_bits_t + (j / 16) * words * 16;
+  const uint32_t* q = rows.q[r];
+  __m512i count = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group), _mm512_set1_epi32(int(q[0]))));
+  for (int w = 1; w < words; ++w)
+    count = _mm512_add_epi32(count, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group + 16 * w),
+                                                                         _mm512_set1_epi32(int(q[w])))));
+  __m512 slope = _mm512_set1_ps(rows.slope[r]);
+  __m512 offset = _mm512_set1_ps(rows.offset[r] - m);
+  if constexpr (kKeyFactor) {
+    const __m512 col = _mm512_load_ps(head.k_factor + j);
+    slope = _mm512_mul_ps(slope, col);
+    offset = _mm512_fmsub_ps(_mm512_set1_ps(rows.offset[r]), col, _mm512_set1_ps(m));
+  }
+  __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(count), slope, offset);
+  const bool partial = j + 16 > rows.unmasked_end;  // causal diagonal or the end of the keys
+  __mmask16 valid = 0xffff;
+  if (partial) {
+    const __m512i key_index = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(int(j)));
+    valid = _mm512_cmplt_epi32_mask(key_index, _mm512_set1_epi32(rows.key_limit[r]));
+  }
+  // Masked load: a caller's bias row ends at Nk, not at the padded block end.
+  if constexpr (kBias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, rows.bias[r] + j), _mm512_set1_ps(kLog2e), x);
+  if (partial) x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), valid, x);
+  *may_be_neg_inf = kBias || partial;
+  return x;
+}
+
+// p = 2^x stored at prob[r][v .. v + 16) in the layout of kMode; returns p.
+template <PvMode kMode>
+inline __m512 exp_store(ProbBlock& prob, int r, int v, __m512 x, bool may_be_neg_inf) {
+  // P that is rounded to 8 bits right after (bf16, u8) needs less than the fp32-accurate exp.
+  constexpr int kDegree = kMode == PvMode::kF32 ? 6 : 4;
+  const __m512 p = may_be_neg_inf ? exp2_ps<kDegree>(x) : exp2_finite_ps<kDegree>(x);
+  if constexpr (kMode == PvMode::kF32) {
+    _mm512_store_ps(&prob.f32[r][v], p);
+  } else if constexpr (kMode == PvMode::kBf16) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(&prob.u16[r][v]), (__m256i)_mm512_cvtneps_pbh(p));
+  } else {
+    // round(p * 255) with p in [0, 1]: vcvtps2dq rounds to nearest even.
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(p, _mm512_set1_ps(255.0f)));
+    if constexpr (kMode == PvMode::kInt8Vnni) {
+      _mm_store_si128(reinterpret_cast<__m128i*>(&prob.u8[r][v]), _mm512_cvtusepi32_epi8(q));
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&prob.u16[r][v]), _mm512_cvtusepi32_epi16(q));
+    }
+  }
+  return p;
+}
+
+// One pass over the keys [j0, j0 + keys) of the rows in row_mask: per row the maximum of
+// s - m_use[r] (m_use = nullptr: of s) and, with kExp, p = 2^(s - m_use[r]) into `prob` and its
+// sums.
+template <PvMode kMode, bool kBias, bool kKeyFactor, bool kExp>
+void score_pass(const TileRows& rows, const HeadInputs& head, int words, int64_t j0, int keys, const float* m_use,
+                ProbBlock& prob, float* block_max, float* block_sum, unsigned row_mask = (1u << kTileRows) - 1) {
+  for (int r = 0; r < kTileRows; ++r) {
+    if (!((row_mask >> r) & 1u)) continue;
+    const float m = m_use ? m_use[r] : 0.0f;
+    __m512 vmax = _mm512_set1_ps(kNegInf), vsum = _mm512_setzero_ps();
+    for (int v = 0; v < keys; v += 16) {
+      bool neg_inf;
+      const __m512 x = shifted_score<kBias, kKeyFactor>(rows, r, head, words, j0 + v, m, &neg_inf);
+      vmax = _mm512_max_ps(vmax, x);  // a NaN score reaches m (and p): the row turns NaN
+      if constexpr (kExp) vsum = _mm512_add_ps(vsum, exp_store<kMode>(prob, r, v, x, neg_inf));
+    }
+    block_max[r] = _mm512_reduce_max_ps(vmax);
+    if constexpr (kExp) block_sum[r] = _mm512_reduce_add_ps(vsum);
+  }
+}
+
+// How far (log2 units) a block's scores may exceed the reference maximum before the block is
+// recomputed against its own maximum. P <= 2^slack stays far from fp32 overflow, so most blocks
+// exponentiate in the same pass that computes their scores and the reference rarely moves.
+// pv_int8 quantizes P in [0, 1] against the running maximum: the slack only absorbs the rounding
+// of s - m (without it the maximum itself, recomputed as 0 +- 1 ulp, would trigger recomputes);
+// P <= 2^0.002 < 255.5 / 255 still quantizes to at most 255, off by less than half a step.
+constexpr float reference_slack(PvMode mode) { return is_int8(mode) ? 0.002f : 8.0f; }
+
+// Online-softmax state of one tile: reference maximum m (log2 units; -inf until a key is
+// unmasked), l = sum 2^(s - m).
+struct SoftmaxState {
+  float m_ref[kTileRows], l[kTileRows];
+};
+
+// The reference-maximum protocol around the exp pass of one block (which the caller runs,
+// possibly interleaved with P.V, against m_use):
+//  prepare: rows without a reference yet take the block's maximum (a score-only pass);
+//  finish:  block_max holds max(s - m_use); rows that exceed the slack move their reference to
+//           the block maximum and the block's P is recomputed; alpha[r] = 2^(m_old - m_new) is
+//           the factor for the accumulators of earlier blocks; l is updated.
+template <PvMode kMode, bool kBias, bool kKeyFactor>
+struct BlockSoftmax {
+  static void prepare(SoftmaxState& st, const TileRows& rows, const HeadInputs& head, int words, int64_t j0,
+                      int keys, ProbBlock& prob, float* m_use) {
+    bool any_unset = false;
+    for (int r = 0; r < kTileRows; ++r) any_unset |= (st.m_ref[r] == kNegInf);
+    if (any_unset) {
+      float block_max[kTileRows];
+      score_pass<kMode, kBias, kKeyFactor, false>(rows, head, words, j0, keys, nullptr, prob, block_max, nullptr);
+      for (int r = 0; r < kTileRows; ++r)
+        if (st.m_ref[r] == kNegInf) st.m_ref[r] = block_max[r];  // may stay -inf: all masked so far
+    }
+    for (int r = 0; r < kTileRows; ++r) m_use[r] = st.m_ref[r] == kNegInf ? 0.0f : st.m_ref[r];
+  }
+  static void finish(SoftmaxState& st, const TileRows& rows, const HeadInputs& head, int words, int64_t j0,
+                     int keys, ProbBlock& prob, float* m_use, float* block_max, float* block_sum, float* alpha) {
+    constexpr float kSlack = reference_slack(kMode);
+    unsigned redo = 0;
+    for (int r = 0; r < kTileRows; ++r) {
+      alpha[r] = 1.0f;
+      if (block_max[r] > kSlack) {  // false for NaN: a NaN row stays NaN
+        const float m_new = m_use[r] + block_max[r];
+        alpha[r] = std::exp2(st.m_ref[r] - m_new);
+        st.m_ref[r] = m_use[r] = m_new;
+        redo |= 1u << r;
+      }
+    }
+    if (redo)
+      score_pass<kMode, kBias, kKeyFactor, true>(rows, head, words, j0, keys, m_use, prob, block_max, block_sum, redo);
+    for (int r = 0; r < kTileRows; ++r) st.l[r] = st.l[r] * alpha[r] + block_sum[r];
+  }
+};
+
+// ------------------------------------------------------------------ tile kernels
 struct TaskScratch {
   AlignedArray<float> acc;       // [kTileRows][dv_pad]
   AlignedArray<float> row_bias;  // [kTileRows][nk_pad] when the bias is expanded per row
   AlignedArray<uint32_t> q_bits; // [kTaskRows][words]
-  alignas(64) float scores[kTileRows][kKeyBlock];
-  alignas(64) float prob_f32[kTileRows][kKeyBlock];
-  alignas(64) uint16_t prob_u16[kTileRows][kKeyBlock];
-  alignas(64) uint8_t prob_u8[kTileRows][kKeyBlock];
+  ProbBlock prob;
 };
 
-template <PvMode kMode>
-void pv_block(const ForwardPlan& plan, const HeadInputs& head, TaskScratch& s, int64_t j0, int keys,
-              const float* alpha) {
-  float* acc[kTileRows];
-  for (int r = 0; r < kTileRows; ++r) acc[r] = s.acc.get() + r * plan.dv_pad;
+struct TileJob {
+  const ForwardPlan* plan;
+  const HeadInputs* head;
+  TileRows rows;
+  int64_t key_end;  // keys [0, key_end) are visited (the last row's limit)
+};
+
+// One row tile over all its keys: per key block, the scores and P (one pass, see BlockSoftmax),
+// then P.V for each chunk of 64 channels with the accumulators in registers.
+//
+// Scores and P.V stay separate passes on purpose: interleaving them (P.V of block n - 1 with the
+// exp of block n, accumulators held in registers across blocks) was measured slower on Zen 4
+// (fp32 5.2 vs 5.1, bf16 3.5 vs 3.2 cycles per score): both compete for the same vector
+// dispatch, and the exp's dependent FMA chain stalled behind the P.V FMAs (see NOTES.md).
+template <PvMode kMode, bool kBias, bool kKeyFactor>
+void run_tile(const TileJob& job, TaskScratch& s, SoftmaxState& st) {
+  const ForwardPlan& plan = *job.plan;
+  const HeadInputs& head = *job.head;
+  const int words = plan.words;
+  float* acc_mem[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) acc_mem[r] = s.acc.get() + r * plan.dv_pad;
   constexpr int g = keys_per_group(kMode);
-  const int64_t pitch = head.v_group_pitch;
-  // First key group of the block, in elements of the packed V.
-  const int64_t start = (j0 / g) * pitch;
-  for (int c0 = 0; c0 < plan.dv_pad; c0 += kDvChunk) {
-    const int vecs = std::min(kDvChunk, plan.dv_pad - c0) / 16;
-    auto run = [&](auto vec_count) {
-      constexpr int kVecs = decltype(vec_count)::value;
-      if constexpr (kMode == PvMode::kF32) {
-        pv_f32<kVecs>(acc, s.prob_f32, static_cast<const float*>(head.v) + start, pitch, c0, keys, alpha);
-      } else if constexpr (kMode == PvMode::kBf16) {
-        pv_bf16<kVecs>(acc, s.prob_u16, static_cast<const uint16_t*>(head.v) + start, pitch, c0, keys, alpha);
-      } else if constexpr (kMode == PvMode::kInt8Vnni) {
-        pv_int8<kVecs, true>(acc, s.prob_u8, s.prob_u16, static_cast<const int8_t*>(head.v) + start, pitch, c0, keys, alpha);
-      } else {
-        pv_int8<kVecs, false>(acc, s.prob_u8, s.prob_u16, static_cast<const int16_t*>(head.v) + start, pitch, c0, keys, alpha);
+  using Softmax = BlockSoftmax<kMode, kBias, kKeyFactor>;
+  ProbBlock& prob = s.prob;
+  for (int64_t j0 = 0; j0 < job.key_end; j0 += kKeyBlock) {
+    const int keys = int(std::min<int64_t>(kKeyBlock, job.key_end - j0));
+    float m_use[kTileRows], block_max[kTileRows], block_sum[kTileRows], alpha[kTileRows];
+    Softmax::prepare(st, job.rows, head, words, j0, keys, prob, m_use);
+    score_pass<kMode, kBias, kKeyFactor, true>(job.rows, head, words, j0, keys, m_use, prob, block_max, block_sum);
+    Softmax::finish(st, job.rows, head, words, j0, keys, prob, m_use, block_max, block_sum, alpha);
+    const void* v_block = static_cast<const char*>(head.v) + (j0 / g) * head.v_group_pitch * v_elem_size(kMode);
+    for (int c0 = 0; c0 < plan.dv_pad; c0 += kDvChunk) {
+      auto chunk = [&](auto vec_count) {
+        constexpr int kVecs = decltype(vec_count)::value;
+        PvAcc<kMode> acc[kTileRows][kVecs];
+        pv_begin<kMode, kVecs>(acc, acc_mem, c0, alpha);
+        pv_keys<kMode, kVecs>(acc, prob, v_block, head.v_group_pitch, c0, 0, keys);
+        pv_end<kMode, kVecs>(acc, acc_mem, c0, alpha);
+      };
+      switch (std::min(kDvChunk, plan.dv_pad - c0) / 16) {
+        case 4: chunk(std::integral_constant<int, 4>{}); break;
+        case 3: chunk(std::integral_constant<int, 3>{}); break;
+        case 2: chunk(std::integral_constant<int, 2>{}); break;
+        default: chunk(std::integral_constant<int, 1>{}); break;
       }
-    };
-    switch (vecs) {
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 1>{}); break;
     }
   }
 }
 
-// Scores of kTileRows rows x 16 keys from the packed words, as integer dot products.
-template <int kWords>
-inline void tile_dots(const uint32_t* const* q_rows, const uint32_t* k_group, int words, int d, __m512i* dots) {
-  __m512i count[kTileRows];
-  for (int r = 0; r < kTileRows; ++r) count[r] = _mm512_setzero_si512();
-  const int n_words = kWords > 0 ? kWords : words;
-  for (int w = 0; w < n_words; ++w) {
-    const __m512i kw = _mm512_load_si512(k_group + 16 * w);
-    for (int r = 0; r < kTileRows; ++r)
-      count[r] = _mm512_add_epi32(count[r], _mm512_popcnt_epi32(_mm512_xor_si512(kw, _mm512_set1_epi32(int(q_rows[r][w])))));
-  }
-  const __m512i dvec = _mm512_set1_epi32(d);
-  for (int r = 0; r < kTileRows; ++r) dots[r] = _mm512_sub_epi32(dvec, _mm512_slli_epi32(count[r], 1));
+using TileFn = void (*)(const TileJob&, TaskScratch&, SoftmaxState&);
+
+template <PvMode kMode>
+TileFn select_tile(bool bias, bool key_factor) {
+  if (bias) return key_factor ? run_tile<kMode, true, true> : run_tile<kMode, true, false>;
+  return key_factor ? run_tile<kMode, false, true> : run_tile<kMode, false, false>;
 }
 
-template <PvMode kMode, int kWords>
-void run_task(const ForwardPlan& plan, TaskScratch& s, int64_t bh, int64_t i_begin, int64_t i_end) {
+// ------------------------------------------------------------------ one task
+template <PvMode kMode>
+void run_task(const ForwardPlan& plan, TileFn tile_fn, TaskScratch& s, int64_t bh, int64_t i_begin, int64_t i_end) {
   const AttentionFwdParams& p = plan.p;
   const HeadInputs& head = plan.heads[size_t(bh)];
   const int64_t b = bh / p.H, h = bh % p.H;
@@ -375,23 +534,23 @@ void run_task(const ForwardPlan& plan, TaskScratch& s, int64_t bh, int64_t i_beg
   const RelPosGeometry geo(p.rel_pos_wh, p.rel_pos_ww, p.num_prefix_tokens);
   const float* rel_table = p.rel_pos_table ? p.rel_pos_table + h * p.rel_pos_table_stride_h : nullptr;
   const float* rel_reversed = p.rel_pos_table ? plan.rel_table_reversed.get() + h * geo.table_size : nullptr;
-  const __m512 log2e = _mm512_set1_ps(kLog2e);
-  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-  const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
 
   for (int64_t t0 = i_begin; t0 < i_end; t0 += kTileRows) {
     const int rows = int(std::min<int64_t>(kTileRows, i_end - t0));
+    TileJob job;
+    job.plan = &plan;
+    job.head = &head;
     int64_t row_index[kTileRows];
-    const uint32_t* q_rows[kTileRows];
-    float row_coef[kTileRows];   // scale * a_i * (constant b) * log2(e)
-    const float* bias_rows[kTileRows];
     for (int r = 0; r < kTileRows; ++r) {
       const int64_t i = t0 + std::min(r, rows - 1);  // surplus rows repeat the last real row
       row_index[r] = i;
-      q_rows[r] = q_rows_all[i - i_begin];
+      job.rows.q[r] = q_rows_all[i - i_begin];
       const float a = p.q_scale ? p.q_scale[b * p.q_scale_stride[0] + h * p.q_scale_stride[1] + i * p.q_scale_stride[2]] : 1.0f;
-      row_coef[r] = p.scale * a * head.k_factor_const * kLog2e;
-      bias_rows[r] = nullptr;
+      const float coef = p.scale * a * head.k_factor_const * kLog2e;
+      job.rows.slope[r] = -2.0f * coef;
+      job.rows.offset[r] = float(d) * coef;
+      job.rows.key_limit[r] = int32_t(p.causal ? std::min<int64_t>(Nk, i + 1) : Nk);
+      job.rows.bias[r] = nullptr;
       if (plan.bias_in_row_buffer) {
         float* dst = s.row_bias.get() + r * nk_pad;
         if (rel_table) {
@@ -413,87 +572,26 @@ void run_task(const ForwardPlan& plan, TaskScratch& s, int64_t bh, int64_t i_beg
             for (int64_t j = 0; j < Nk; ++j) dst[j] += load_as_float(p.bias, p.bias_dtype, off + j * p.bias_stride[3]);
           }
         }
-        // Keys in the padding of the last block read zeros (they are masked anyway).
-        std::memset(dst + Nk, 0, size_t(nk_pad - Nk) * sizeof(float));
-        bias_rows[r] = dst;
+        job.rows.bias[r] = dst;
       } else if (p.bias) {
-        bias_rows[r] = static_cast<const float*>(p.bias) + b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2];
+        job.rows.bias[r] = static_cast<const float*>(p.bias) + b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2];
       }
     }
+    job.key_end = job.rows.key_limit[kTileRows - 1];  // the last row sees the most keys
+    job.rows.unmasked_end = job.rows.key_limit[0];
 
-    float row_max[kTileRows];
-    __m512 row_sum[kTileRows];
+    SoftmaxState st;
     for (int r = 0; r < kTileRows; ++r) {
-      row_max[r] = kNegInf;
-      row_sum[r] = _mm512_setzero_ps();
-      std::memset(s.acc.get() + r * dv_pad, 0, size_t(dv_pad) * sizeof(float));
+      st.m_ref[r] = kNegInf;
+      st.l[r] = 0.0f;
     }
-
-    const int64_t key_end = p.causal ? std::min<int64_t>(Nk, row_index[kTileRows - 1] + 1) : Nk;
-    for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-      const int keys = int(std::min<int64_t>(kKeyBlock, key_end - j0));
-      // 1. scores (log2 domain) and the block maximum per row.
-      __m512 block_max[kTileRows];
-      for (int r = 0; r < kTileRows; ++r) block_max[r] = neg_inf;
-      for (int v = 0; v < keys; v += 16) {
-        const int64_t j = j0 + v;
-        __m512i dots[kTileRows];
-        tile_dots<kWords>(q_rows, head.k_bits_t + (j / 16) * words * 16, words, d, dots);
-        const __m512 col = head.k_factor ? _mm512_load_ps(head.k_factor + j) : _mm512_set1_ps(1.0f);
-        const __m512i key_index = _mm512_add_epi32(lane_index, _mm512_set1_epi32(int(j)));
-        const __mmask16 in_range = first_lanes16(key_end - j);
-        for (int r = 0; r < kTileRows; ++r) {
-          __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_mul_ps(col, _mm512_set1_ps(row_coef[r])));
-          // Masked load: a caller's bias row ends at Nk, not at the padded block end.
-          if (bias_rows[r]) sc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in_range, bias_rows[r] + j), log2e, sc);
-          __mmask16 valid = in_range;
-          if (p.causal) valid &= _mm512_cmple_epi32_mask(key_index, _mm512_set1_epi32(int(row_index[r])));
-          sc = _mm512_mask_mov_ps(neg_inf, valid, sc);
-          _mm512_store_ps(&s.scores[r][v], sc);
-          block_max[r] = _mm512_max_ps(block_max[r], sc);  // a NaN score poisons m, p and l: out NaN
-        }
-      }
-      // 2. online softmax.
-      float alpha[kTileRows];
-      __m512 m_use[kTileRows];
-      for (int r = 0; r < kTileRows; ++r) {
-        const float m_new = std::max(row_max[r], _mm512_reduce_max_ps(block_max[r]));
-        const float m_safe = m_new == kNegInf ? 0.0f : m_new;  // all masked so far: p = 2^-inf = 0
-        alpha[r] = std::exp2(row_max[r] - m_safe);
-        row_max[r] = m_new;
-        m_use[r] = _mm512_set1_ps(m_safe);
-      }
-      for (int r = 0; r < kTileRows; ++r) {
-        __m512 sum = _mm512_setzero_ps();
-        for (int v = 0; v < keys; v += 16) {
-          const __m512 prob = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&s.scores[r][v]), m_use[r]));
-          sum = _mm512_add_ps(sum, prob);
-          if constexpr (kMode == PvMode::kF32) {
-            _mm512_store_ps(&s.prob_f32[r][v], prob);
-          } else if constexpr (kMode == PvMode::kBf16) {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(&s.prob_u16[r][v]), (__m256i)_mm512_cvtneps_pbh(prob));
-          } else {
-            // round(p * 255) with p in [0, 1]: vcvtps2dq rounds to nearest even.
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(prob, _mm512_set1_ps(255.0f)));
-            if constexpr (kMode == PvMode::kInt8Vnni) {
-              _mm_store_si128(reinterpret_cast<__m128i*>(&s.prob_u8[r][v]), _mm512_cvtusepi32_epi8(q));
-            } else {
-              _mm256_store_si256(reinterpret_cast<__m256i*>(&s.prob_u16[r][v]), _mm512_cvtusepi32_epi16(q));
-            }
-          }
-        }
-        row_sum[r] = _mm512_fmadd_ps(row_sum[r], _mm512_set1_ps(alpha[r]), sum);
-      }
-      // Key groups (pairs, quads) that straddle `keys` read P of keys in [keys, keys rounded
-      // up to 16): those were stored above as 2^-inf = 0.
-      // 3. P.V.
-      pv_block<kMode>(plan, head, s, j0, keys, alpha);
-    }
+    std::memset(s.acc.get(), 0, size_t(kTileRows) * dv_pad * sizeof(float));
+    tile_fn(job, s, st);
 
     // Epilogue: out = acc / l (pv_int8: times v_dequant / 255), lse = (m + log2 l) ln 2.
     for (int r = 0; r < rows; ++r) {
       const int64_t i = row_index[r];
-      const float l = _mm512_reduce_add_ps(row_sum[r]);
+      const float l = st.l[r];
       const bool empty = (l == 0.0f);  // fully masked row
       const __m512 inv_l = _mm512_set1_ps(empty ? 0.0f : 1.0f / l);
       char* out = static_cast<char*>(p.out) +
@@ -502,13 +600,13 @@ void run_task(const ForwardPlan& plan, TaskScratch& s, int64_t bh, int64_t i_beg
       for (int c = 0; c < dv; c += 16) {
         const __mmask16 lanes = first_lanes16(dv - c);
         __m512 o = _mm512_mul_ps(_mm512_load_ps(acc + c), inv_l);
-        if (kMode == PvMode::kInt8Vnni || kMode == PvMode::kInt8Madd)
+        if constexpr (is_int8(kMode))
           o = _mm512_mul_ps(o, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, p.v_dequant + bh * dv + c),
                                              _mm512_set1_ps(1.0f / 255.0f)));
         if (empty) o = _mm512_setzero_ps();
         store16_from_float(out + c * dtype_size(p.out_dtype), p.out_dtype, o, lanes);
       }
-      if (p.lse) p.lse[bh * p.Nq + i] = empty ? kNegInf : (row_max[r] + std::log2(l)) * kLn2;
+      if (p.lse) p.lse[bh * p.Nq + i] = empty ? kNegInf : (st.m_ref[r] + std::log2(l)) * kLn2;
     }
   }
 }
@@ -517,25 +615,18 @@ template <PvMode kMode>
 void run_all(ForwardPlan& plan) {
   const AttentionFwdParams& p = plan.p;
   const int64_t row_blocks = ceil_div(p.Nq, kTaskRows);
-  using TaskFn = void (*)(const ForwardPlan&, TaskScratch&, int64_t, int64_t, int64_t);
-  TaskFn task_fn;
-  switch (plan.words) {  // the common head dims get a fully unrolled word loop
-    case 1: task_fn = run_task<kMode, 1>; break;
-    case 2: task_fn = run_task<kMode, 2>; break;
-    case 4: task_fn = run_task<kMode, 4>; break;
-    default: task_fn = run_task<kMode, 0>; break;
-  }
+  const TileFn tile_fn = select_tile<kMode>(p.bias || p.rel_pos_table, plan.k_factor_per_key);
   parallel_for(p.B * p.H * row_blocks, 1, [&](int64_t begin, int64_t end) {
     auto scratch = std::make_unique<TaskScratch>();
     scratch->acc = make_aligned<float>(size_t(kTileRows) * plan.dv_pad);
     if (plan.bias_in_row_buffer) scratch->row_bias = make_aligned<float>(size_t(kTileRows) * plan.nk_pad);
     scratch->q_bits = make_aligned<uint32_t>(size_t(kTaskRows) * plan.words);
-    std::memset(scratch->prob_u16, 0, sizeof(scratch->prob_u16));
-    std::memset(scratch->prob_u8, 0, sizeof(scratch->prob_u8));
+    // P of keys past a block's end is read by key groups that straddle it: keep it finite.
+    std::memset(static_cast<void*>(&scratch->prob), 0, sizeof(scratch->prob));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / row_blocks, blk = task % row_blocks;
       const int64_t i_begin = blk * kTaskRows, i_end = std::min(p.Nq, i_begin + kTaskRows);
-      task_fn(plan, *scratch, bh, i_begin, i_end);
+      run_task<kMode>(plan, tile_fn, *scratch, bh, i_begin, i_end);
     }
   });
 }

@@ -55,24 +55,42 @@ inline void store16_from_float(void* dst, DType dtype, __m512 x, __mmask16 lanes
   }
 }
 
-// 2^x for x <= 0 (anything above stays accurate up to 2^127). Relative error <= 8e-8 on the
-// normal range (degree-6 polynomial for 2^f on [-0.5, 0.5], a relative-error least-squares fit
-// refined by reweighting; max error 1.9e-9 in exact arithmetic, 7.9e-8 with fp32 Horner).
-// NaN stays NaN; -inf and x < -150 give exactly 0 (the clamp to -160 keeps the result of
-// vscalefps below half of the smallest subnormal); results below 2^-126 may be subnormal.
-inline __m512 exp2_ps(__m512 x) {
-  // vmaxps returns its second operand when either is NaN: x comes second to keep a NaN.
-  x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);
+// 2^x for x <= 0 (anything above stays accurate up to 2^127) and x not -inf (see exp2_ps):
+// x = n + f with n = round(x), f in [-0.5, 0.5], 2^f from a polynomial, times 2^n by vscalefps
+// (very negative x gives 0; results below 2^-126 may be subnormal; NaN stays NaN).
+// Polynomials: relative-error least-squares fits of 2^f on [-0.5, 0.5], refined by reweighting
+// towards minimax; max relative error with fp32 Horner evaluation:
+//   degree 6: 7.9e-8 (fp32 results), degree 4: 2.7e-6 (P that is then rounded to 8 bits).
+template <int kDegree = 6>
+inline __m512 exp2_finite_ps(__m512 x) {
+  static_assert(kDegree == 6 || kDegree == 4, "fitted degrees: 4, 6");
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);  // exact, in [-0.5, 0.5]
-  __m512 poly = _mm512_set1_ps(1.5345800e-04f);
-  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.3399932e-03f));
-  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.6184890e-03f));
-  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.5503288e-02f));
-  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.4022647e-01f));
-  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.9314721e-01f));
-  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(x, n);  // exact
+  __m512 poly;
+  if constexpr (kDegree == 6) {
+    poly = _mm512_set1_ps(1.5345800e-04f);
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.3399932e-03f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.6184890e-03f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.5503288e-02f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.4022647e-01f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.9314721e-01f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0f));
+  } else {
+    poly = _mm512_set1_ps(9.57009383e-03f);
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.59178628e-02f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.40247443e-01f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.93121791e-01f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.99999285e-01f));
+  }
   return _mm512_scalef_ps(poly, n);
+}
+
+// 2^x with -inf -> exactly 0: -inf would make f = -inf - (-inf) = NaN, so x is first clamped to
+// -160 (2^-160 * p rounds to 0). vmaxps returns its second operand when either is NaN: x comes
+// second, so a NaN stays NaN.
+template <int kDegree = 6>
+inline __m512 exp2_ps(__m512 x) {
+  return exp2_finite_ps<kDegree>(_mm512_max_ps(_mm512_set1_ps(-160.0f), x));
 }
 
 }  // namespace
