@@ -21,12 +21,11 @@
 //                        or VPMADDWD on CPUs without AVX512_VNNI.
 #include <vector>
 
-#include "avx512_common.h"
+#include "attention_avx512.h"
 
 namespace binformer::cpu::detail {
 namespace {
 
-constexpr int kTileRows = 4;     // query rows per register block
 constexpr int kKeyBlock = 128;   // keys per online-softmax step (8 vectors of 16)
 constexpr int kTaskRows = 64;    // query rows per parallel task
 constexpr int kDvChunk = 64;     // output channels per register block (4 zmm)
@@ -40,8 +39,7 @@ constexpr int keys_per_group(PvMode mode) {
 
 // Per (b, h) data shared by every task of that head, built once before the main loop.
 struct HeadInputs {
-  const uint32_t* k_bits_t;  // [Nk_pad / 16][words][16]: word w of 16 consecutive keys
-  const float* k_factor;     // [Nk_pad] b_j, or nullptr when b is constant over j
+  KeyInputs keys;            // transposed k bits and per-key b_j (nullptr when b is constant)
   float k_factor_const;      // b when constant over j (1 without k_scale)
   const void* v;             // V in the layout of the P.V mode (see prepare_v)
   int64_t v_group_pitch;     // elements of v between consecutive key groups
@@ -144,43 +142,22 @@ void build_plan(ForwardPlan& plan) {
   plan.heads.resize(size_t(BH));
 
   parallel_for(BH, 1, [&](int64_t bh_begin, int64_t bh_end) {
-    uint32_t packed_row[kMaxHeadDim / 32];
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       HeadInputs& head = plan.heads[size_t(bh)];
       // k bits, transposed per group of 16 keys; padded keys are 0 (masked later).
       uint32_t* kt = plan.k_bits_t.get() + bh * nk_pad * words;
-      const int64_t k_head = b * p.k_stride[0] + h * p.k_stride[1];
-      for (int64_t j = 0; j < nk_pad; ++j) {
-        const uint32_t* row = nullptr;
-        if (j < p.Nk) {
-          if (p.k_dtype == DType::kBits) {
-            row = static_cast<const uint32_t*>(p.k) + k_head + j * p.k_stride[2];
-          } else {
-            const size_t es = dtype_size(p.k_dtype);
-            const char* src = static_cast<const char*>(p.k) + (k_head + j * p.k_stride[2]) * es;
-            for (int w = 0; w < words; ++w) {
-              const int c0 = 32 * w;
-              const __m512 lo = load16_as_float(src + c0 * es, p.k_dtype, first_lanes16(p.head_dim - c0));
-              const __m512 hi = load16_as_float(src + (c0 + 16) * es, p.k_dtype, first_lanes16(p.head_dim - c0 - 16));
-              const uint32_t lo_bits = _mm512_mask_cmp_ps_mask(first_lanes16(p.head_dim - c0), lo, _mm512_setzero_ps(), _CMP_NLT_UQ);
-              const uint32_t hi_bits = _mm512_mask_cmp_ps_mask(first_lanes16(p.head_dim - c0 - 16), hi, _mm512_setzero_ps(), _CMP_NLT_UQ);
-              packed_row[w] = lo_bits | (hi_bits << 16);
-            }
-            row = packed_row;
-          }
-        }
-        for (int w = 0; w < words; ++w) kt[(j / 16) * words * 16 + w * 16 + (j % 16)] = row ? row[w] : 0u;
-      }
-      head.k_bits_t = kt;
+      transpose_key_bits(p.k, p.k_dtype, b * p.k_stride[0] + h * p.k_stride[1], p.k_stride[2], p.Nk, nk_pad,
+                         p.head_dim, kt);
+      head.keys.bits_t = kt;
       // Column factor b_j.
       const int64_t ks_head = p.k_scale ? b * p.k_scale_stride[0] + h * p.k_scale_stride[1] : 0;
       head.k_factor_const = p.k_scale && !plan.k_factor_per_key ? p.k_scale[ks_head] : 1.0f;
-      head.k_factor = nullptr;
+      head.keys.factor = nullptr;
       if (plan.k_factor_per_key) {
         float* kf = plan.k_factor.get() + bh * nk_pad;
         for (int64_t j = 0; j < nk_pad; ++j) kf[j] = j < p.Nk ? p.k_scale[ks_head + j * p.k_scale_stride[2]] : 0.0f;
-        head.k_factor = kf;
+        head.keys.factor = kf;
       }
       // V.
       if (v_direct) {
@@ -294,52 +271,6 @@ inline void pv_end(PvAcc<kMode> (&acc)[kTileRows][kVecs], float* const* acc_mem,
 }
 
 // ------------------------------------------------------------------ scores and softmax
-// The rows of one register tile, as the score code reads them. With c_r = scale * a_i * log2(e)
-// (times b when b is constant), the log2-domain score of an integer popcount n = popcount(q ^ k)
-// is (d - 2 n) c_r (b_j) = n * slope_r (b_j) + offset_r (b_j): one FMA on the converted count.
-struct TileRows {
-  const uint32_t* q[kTileRows];  // packed sign words
-  float slope[kTileRows];        // -2 c_r
-  float offset[kTileRows];       // d c_r
-  const float* bias[kTileRows];  // fp32 bias row (caller's or expanded), when there is a bias
-  int32_t key_limit[kTileRows];  // keys j >= key_limit are masked: Nk, or min(Nk, i + 1) if causal
-  int32_t unmasked_end;          // min over rows of key_limit: vectors below it need no mask
-};
-
-// x = s - m for row r and the 16 keys [j, j + 16) (log2 domain), -inf where masked, from
-//   s = n * slope_r (b_j) + offset_r (b_j) + bias * log2(e);
-// *clamped tells whether x may hold -inf (then exp needs the clamp).
-template <bool kBias, bool kKeyFactor>
-inline __m512 shifted_score(const TileRows& rows, int r, const HeadInputs& head, int words, int64_t j, float m,
-                            bool* may_be_neg_inf) {
-  const uint32_t* k_group = head.k_bits_t + (j / 16) * words * 16;
-  const uint32_t* q = rows.q[r];
-  __m512i count = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group), _mm512_set1_epi32(int(q[0]))));
-  for (int w = 1; w < words; ++w)
-    count = _mm512_add_epi32(count, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group + 16 * w),
-                                                                         _mm512_set1_epi32(int(q[w])))));
-  __m512 slope = _mm512_set1_ps(rows.slope[r]);
-  __m512 offset = _mm512_set1_ps(rows.offset[r] - m);
-  if constexpr (kKeyFactor) {
-    const __m512 col = _mm512_load_ps(head.k_factor + j);
-    slope = _mm512_mul_ps(slope, col);
-    offset = _mm512_fmsub_ps(_mm512_set1_ps(rows.offset[r]), col, _mm512_set1_ps(m));
-  }
-  __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(count), slope, offset);
-  const bool partial = j + 16 > rows.unmasked_end;  // causal diagonal or the end of the keys
-  __mmask16 valid = 0xffff;
-  if (partial) {
-    const __m512i key_index = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(int(j)));
-    valid = _mm512_cmplt_epi32_mask(key_index, _mm512_set1_epi32(rows.key_limit[r]));
-  }
-  // Masked load: a caller's bias row ends at Nk, not at the padded block end.
-  if constexpr (kBias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, rows.bias[r] + j), _mm512_set1_ps(kLog2e), x);
-  if (partial) x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), valid, x);
-  *may_be_neg_inf = kBias || partial;
-  return x;
-}
-
 // p = 2^x stored at prob[r][v .. v + 16) in the layout of kMode; returns p.
 template <PvMode kMode>
 inline __m512 exp_store(ProbBlock& prob, int r, int v, __m512 x, bool may_be_neg_inf) {
@@ -374,7 +305,7 @@ void score_pass(const TileRows& rows, const HeadInputs& head, int words, int64_t
     __m512 vmax = _mm512_set1_ps(kNegInf), vsum = _mm512_setzero_ps();
     for (int v = 0; v < keys; v += 16) {
       bool neg_inf;
-      const __m512 x = shifted_score<kBias, kKeyFactor>(rows, r, head, words, j0 + v, m, &neg_inf);
+      const __m512 x = shifted_score<kBias, kKeyFactor>(rows, r, head.keys, words, j0 + v, m, &neg_inf);
       vmax = _mm512_max_ps(vmax, x);  // a NaN score reaches m (and p): the row turns NaN
       if constexpr (kExp) vsum = _mm512_add_ps(vsum, exp_store<kMode>(prob, r, v, x, neg_inf));
     }
@@ -518,16 +449,8 @@ void run_task(const ForwardPlan& plan, TileFn tile_fn, TaskScratch& s, int64_t b
       q_rows_all[i - i_begin] = static_cast<const uint32_t*>(p.q) + q_head + i * p.q_stride[2];
       continue;
     }
-    const size_t es = dtype_size(p.q_dtype);
-    const char* src = static_cast<const char*>(p.q) + (q_head + i * p.q_stride[2]) * es;
     uint32_t* dst = s.q_bits.get() + (i - i_begin) * words;
-    for (int w = 0; w < words; ++w) {
-      const int c0 = 32 * w;
-      const __mmask16 lo_lanes = first_lanes16(d - c0), hi_lanes = first_lanes16(d - c0 - 16);
-      const uint32_t lo = _mm512_mask_cmp_ps_mask(lo_lanes, load16_as_float(src + c0 * es, p.q_dtype, lo_lanes), _mm512_setzero_ps(), _CMP_NLT_UQ);
-      const uint32_t hi = _mm512_mask_cmp_ps_mask(hi_lanes, load16_as_float(src + (c0 + 16) * es, p.q_dtype, hi_lanes), _mm512_setzero_ps(), _CMP_NLT_UQ);
-      dst[w] = lo | (hi << 16);
-    }
+    pack_sign_row(static_cast<const char*>(p.q) + (q_head + i * p.q_stride[2]) * dtype_size(p.q_dtype), p.q_dtype, d, dst);
     q_rows_all[i - i_begin] = dst;
   }
 
