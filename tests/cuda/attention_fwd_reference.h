@@ -13,7 +13,7 @@
 
 #include "binformer/params.h"
 
-namespace binformer::test {
+namespace binformer::test::attention_fwd_ref {
 
 struct RefProblem {
   int B = 1, H = 1, Nq = 1, Nk = 1, d = 64, dv = 64;
@@ -154,4 +154,4 @@ inline RefResult attention_reference(const RefProblem& p, const RefTolerance& to
   return r;
 }
 
-}  // namespace binformer::test
+}  // namespace binformer::test::attention_fwd_ref

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../../cuda/src/attention_fwd/tile_config.h"
+#include "../../cuda/src/attention_fwd/workspace_layout.h"
 #include "attention_fwd_reference.h"
 #include "binformer/cuda_kernels.h"
 
@@ -40,7 +41,7 @@ namespace {
 
 using binformer::AttentionFwdParams;
 using binformer::DType;
-namespace bt = binformer::test;
+namespace bt = binformer::test::attention_fwd_ref;
 namespace fwd = binformer::cuda::fwd;
 
 const char* dtype_name(DType t) {
@@ -168,6 +169,8 @@ bool minimal_build() {
 // reported an error; `skipped` is set when a minimal build lacks the configuration.
 struct RunOutput {
   std::vector<uint8_t> out, lse;
+  std::vector<uint8_t> workspace;  // the K pre-pass output, checked separately
+  AttentionFwdParams params{};     // as passed (device pointers)
   cudaError_t status = cudaSuccess;
 };
 
@@ -210,7 +213,66 @@ class AttentionFwdCase {
     if (r.status == cudaSuccess) r.status = cudaDeviceSynchronize();
     r.out = dout.download();
     r.lse = dlse.download();
+    r.workspace = ws.download();
+    r.params = p;
     return r;
+  }
+
+  // The K pre-pass output (signs flipped where b_j < 0, zero pad words and rows, popcount
+  // constant, |b_j|, rel-pos column offsets) against the host: localises a failure to the
+  // pre-pass or to the main kernel.
+  void check_prepass(const RunOutput& r) {
+    const fwd::WorkspaceLayout w = fwd::fwd_workspace_layout(r.params);
+    ASSERT_EQ(w.total, r.workspace.size());
+    if (w.total == 0) return;
+    int64_t bad = 0;
+    std::string first;
+    auto fail = [&](const std::string& what) {
+      if (bad++ == 0) first = what;
+    };
+    for (int64_t bh = 0; bh < int64_t(c_.B) * c_.H; ++bh) {
+      for (int64_t j = 0; j < w.nk_pad; ++j) {
+        const int64_t row = bh * w.nk_pad + j;
+        std::vector<uint32_t> want(w.k_words, 0u);
+        double bj = 1.0;
+        if (j < c_.Nk) {
+          if (!b_full_.empty()) bj = b_full_[bh * c_.Nk + j];
+          for (int e = 0; e < c_.d; ++e) {
+            const bool plus = k_sign_[(bh * c_.Nk + j) * c_.d + e] > 0;
+            if (plus != (bj < 0)) want[e / 32] |= 1u << (e % 32);
+          }
+        }
+        int pc = 0;
+        for (int k = 0; k < w.k_words; ++k) {
+          uint32_t got;
+          std::memcpy(&got, r.workspace.data() + w.k_bits + (row * w.k_words + k) * 4, 4);
+          pc += __builtin_popcount(want[k]);
+          if (got != want[k]) {
+            fail("k_bits[bh=" + std::to_string(bh) + ",j=" + std::to_string(j) + ",word=" +
+                 std::to_string(k) + "]");
+          }
+        }
+        float colc;
+        std::memcpy(&colc, r.workspace.data() + w.k_colc + row * 4, 4);
+        if (colc != -(12582912.0f + 2.0f * pc)) fail("k_colc[bh=" + std::to_string(bh) + ",j=" + std::to_string(j) + "]");
+        if (fwd::fwd_per_token_k(r.params)) {
+          float ks;
+          std::memcpy(&ks, r.workspace.data() + w.k_scale + row * 4, 4);
+          if (ks != float(j < c_.Nk ? std::fabs(bj) : 0.0)) fail("k_scale_abs[j=" + std::to_string(j) + "]");
+        }
+        if (c_.relpos && bh == 0) {
+          int off;
+          std::memcpy(&off, r.workspace.data() + w.relpos_off + j * 4, 4);
+          int want_off = 0;
+          if (j < c_.Nk && j >= c_.prefix) {
+            const int pj = int(j) - c_.prefix;
+            want_off = (pj / c_.ww) * (2 * c_.ww - 1) + pj % c_.ww;
+          }
+          if (off != want_off) fail("relpos_off[j=" + std::to_string(j) + "]");
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0) << bad << " wrong workspace entries written by the K pre-pass; first: " << first;
   }
 
   void check(const RunOutput& r) {
@@ -686,6 +748,7 @@ TEST_P(AttentionFwd, MatchesFloat64Reference) {
   const RunOutput r = t.run();
   if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
   ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
+  t.check_prepass(r);
   t.check(r);
 }
 

@@ -9,6 +9,7 @@
 #include "instances.inc"
 #include "sign_pack.h"
 #include "tile_config.h"
+#include "workspace_layout.h"
 
 namespace binformer::cuda {
 namespace {
@@ -16,15 +17,8 @@ namespace {
 using fwd::FwdArgs;
 using fwd::PvKind;
 
-constexpr int64_t kNkPadMultiple = 128;          // >= every kBlockN: whole tiles, no K predicates
 constexpr int64_t kRelPosSmemCapBytes = 32 * 1024;  // larger tables are read through L1
 constexpr int kPackThreads = 256;
-
-int64_t round_up64(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-bool per_token_k(const AttentionFwdParams& p) {
-  return p.k_scale != nullptr && p.k_scale_stride[2] != 0;
-}
 
 int elem_bytes(DType t) {
   switch (t) {
@@ -46,29 +40,9 @@ bool rows_aligned(const void* p, const int64_t* stride, int n_strides, int esize
   return true;
 }
 
-struct WorkspaceLayout {
-  int64_t nk_pad = 0;
-  int k_words = 0;
-  size_t k_bits = 0, k_colc = 0, k_scale = 0, relpos_off = 0, total = 0;
-};
-
-WorkspaceLayout workspace_layout(const AttentionFwdParams& p) {
-  WorkspaceLayout w;
-  if (p.B <= 0 || p.H <= 0 || p.Nq <= 0 || p.Nk <= 0) return w;
-  w.nk_pad = round_up64(p.Nk, kNkPadMultiple);
-  w.k_words = p.head_dim <= 128 ? 4 : 8;
-  const size_t rows = size_t(p.B) * size_t(p.H) * size_t(w.nk_pad);
-  auto take = [&w](size_t bytes) {
-    const size_t off = w.total;
-    w.total += (bytes + 255) / 256 * 256;
-    return off;
-  };
-  w.k_bits = take(rows * size_t(w.k_words) * 4);
-  w.k_colc = take(rows * 4);
-  if (per_token_k(p)) w.k_scale = take(rows * 4);
-  if (p.rel_pos_table != nullptr) w.relpos_off = take(size_t(w.nk_pad) * 4);
-  return w;
-}
+using fwd::WorkspaceLayout;
+WorkspaceLayout workspace_layout(const AttentionFwdParams& p) { return fwd::fwd_workspace_layout(p); }
+bool per_token_k(const AttentionFwdParams& p) { return fwd::fwd_per_token_k(p); }
 
 bool is_float_dtype(DType t) {
   return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
