@@ -7,7 +7,9 @@ kernel's register choices in kernel.h compute the right products:
   - b1 QK^T (m16n8k128 / k256 AND.popc) + the magic-number popcount correction;
   - fp16/bf16 P.V (score C fragments reused as the A fragment, ldmatrix.x4.trans of V);
   - 3xTF32 P.V (key permutation k=t <- key 2t, k=t+4 <- key 2t+1);
-  - pv_int8 P.V (keys {2t,2t+1,8+2t,9+2t} per k32 step, byte permutes 0x6420 / 0x7531).
+  - pv_int8 P.V (keys {2t,2t+1,8+2t,9+2t} per k32 step, byte permutes 0x6420 / 0x7531);
+  - the key-tile schedule of FwdBlock::run / process_tile: every valid key is visited, every
+    element that needs a mask lies in a masked tile, and skipped n8 blocks hold no valid key.
 Run: python3 cuda/src/attention_fwd/verify_fragment_layouts.py  (needs numpy)
 """
 import struct
@@ -128,3 +130,45 @@ for d in (8,64,72,128,136,256):
       y=np.float32(f32_from_bits(int(r[i,j])*4+rowc))+colc
       if y!=int(qs[i]@ks[j]): ok=False; print("bad",d,i,j,y,qs[i]@ks[j])
 print("b1 QK fragments + popcount correction:", "OK" if ok else "MISMATCH")
+
+# ---------- key-tile schedule (n_tiles, first_masked, warp_limit) over many shapes
+def cdiv(a,b): return (a+b-1)//b
+bad=0
+for (warps,mt,bn) in [(4,2,64),(4,2,32),(8,1,64),(8,1,32),(8,1,16),(4,1,32)]:
+  BM=warps*16*mt
+  for Nq in [1,5,63,64,65,127,128,129,200,300,513]:
+    for Nk in [0,1,5,31,32,33,63,64,65,100,129,300,513]:
+      for causal in (False,True):
+        nmb=cdiv(Nq,BM)
+        for mb in range(nmb):
+          m0=mb*BM
+          n_tiles=cdiv(Nk,bn)
+          if causal: n_tiles=min(n_tiles,cdiv(min(Nq,m0+BM),bn))
+          first=n_tiles
+          if Nk%bn: first=min(first,Nk//bn)
+          if causal: first=min(first,m0//bn)
+          visited=set(range(n_tiles))
+          for i in range(m0,min(Nq,m0+BM)):
+            w=(i-m0)//(16*mt)
+            for j in range(Nk):
+              valid = (not causal) or j<=i
+              n=j//bn
+              if valid and n not in visited: bad+=1; print("valid key not visited",Nq,Nk,causal,i,j)
+          for n in visited:
+            masked_tile = n>=first
+            key0=n*bn
+            for w in range(warps):
+              wr0=m0+w*16*mt
+              limit=bn
+              if masked_tile:
+                limit=Nk-key0
+                if causal: limit=min(limit,wr0+16*mt-key0)
+              for i in range(wr0,wr0+16*mt):
+                if i>=Nq: continue
+                for jj in range(bn):
+                  j=key0+jj
+                  need_mask = j>=Nk or (causal and j>i)
+                  if need_mask and not masked_tile: bad+=1; print("unmasked tile has masked element",Nq,Nk,causal,i,j,bn,BM)
+                  skipped = masked_tile and (jj//8)*8>=limit
+                  if skipped and not need_mask: bad+=1; print("skipped a valid element",Nq,Nk,causal,i,j)
+print("schedule check:", "OK" if bad==0 else f"{bad} problems")
