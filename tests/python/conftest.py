@@ -345,15 +345,40 @@ def attention_tolerances(q, k, v, kwargs, device: str):
     return ref_out, ref_lse, tol_out, tol_lse
 
 
+# Float64 elements of one [b, H, Nq, Nk] score tensor per reference chunk: the reference keeps
+# several of them alive, so this bounds its memory to a few GB even for the vision shapes (and
+# several pytest-xdist workers may share one GPU).
+REFERENCE_CHUNK_ELEMENTS = 2**25
+
+
+def _batch_slice(t, b0: int, b1: int, batch: int, rank: int):
+    """Rows b0:b1 of the batch dim of `t` if it has one (a full-rank tensor with a batch dim of
+    size `batch` > 1), else `t` itself (it broadcasts over the batch)."""
+    if isinstance(t, torch.Tensor) and t.dim() == rank and t.shape[0] == batch and batch > 1:
+        return t[b0:b1]
+    return t
+
+
 def check_attention(q, k, v, kwargs, device: str, out=None, lse=None):
-    """Run binformer.attention (unless out / lse are given) and compare with the reference."""
+    """Run binformer.attention (unless out / lse are given) and compare with the reference,
+    in chunks of the batch for big problems."""
     if out is None:
         out, lse = binformer.attention(q, k, v, **kwargs, return_lse=True)
     assert out.dtype == v.dtype and out.device == v.device
     assert lse.dtype == torch.float32 and lse.device == v.device
-    ref_out, ref_lse, tol_out, tol_lse = attention_tolerances(q, k, v, kwargs, device)
-    assert_within(out, ref_out, tol_out, "out")
-    assert_within(lse, ref_lse, tol_lse, "lse")
+    B, H, Nq = q.shape[:3]
+    assert out.shape == (B, H, Nq, v.shape[3]) and lse.shape == (B, H, Nq)
+    step = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, H * Nq * k.shape[2]))
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        kw = dict(kwargs)
+        for name, rank in (("q_scale", 3), ("k_scale", 3), ("bias", 4)):
+            if name in kw:
+                kw[name] = _batch_slice(kw[name], b0, b1, B, rank)
+        ref_out, ref_lse, tol_out, tol_lse = attention_tolerances(q[b0:b1], k[b0:b1], v[b0:b1], kw, device)
+        where = f" (batch {b0}:{b1})" if step < B else ""
+        assert_within(out[b0:b1], ref_out, tol_out, "out" + where)
+        assert_within(lse[b0:b1], ref_lse, tol_lse, "lse" + where)
     return out, lse
 
 

@@ -340,8 +340,8 @@ def test_opcheck_attention_fwd(device, case):
 
 # ----------------------------------------------------------------------------------- compile
 def test_compile_fullgraph_cpu(monkeypatch):
-    """torch.compile(fullgraph=True) traces binformer.attention (validation included) without a
-    graph break and gives the eager result."""
+    """torch.compile(fullgraph=True) (inductor) traces binformer.attention, validation included,
+    without a graph break and gives the eager result bit for bit (the same kernel runs)."""
     torch._dynamo.reset()
     q, k, v, kwargs = make_inputs(Case(B=2, Nq=17, Nk=23, d=64, q_scale="head", k_scale="head", bias="heads"), "cpu", seed=2)
 
@@ -349,7 +349,7 @@ def test_compile_fullgraph_cpu(monkeypatch):
         out, lse = binformer.attention(q, k, v, q_scale=q_scale, k_scale=k_scale, bias=bias, return_lse=True)
         return out * 2, lse
 
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True)  # inductor: ~30 s to compile on 2 cores
     got = compiled(q, k, v, kwargs["q_scale"], kwargs["k_scale"], kwargs["bias"])
     want = block(q, k, v, kwargs["q_scale"], kwargs["k_scale"], kwargs["bias"])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
