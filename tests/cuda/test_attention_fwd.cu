@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -155,6 +156,17 @@ std::string describe(const Case& c) {
     << " pad=" << c.pad << " offset=" << c.offset << " seed=" << c.seed;
   return s.str();
 }
+
+// The kernels need sm_80+; without such a device (CI, the build machines) the tests skip.
+bool have_sm80_device() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return false;
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  return major >= 8;
+}
+#define FWD_REQUIRE_GPU() \
+  if (!have_sm80_device()) GTEST_SKIP() << "no CUDA device of compute capability >= 8.0"
 
 // gtest prints parameters with this (instead of a byte dump).
 void PrintTo(const Case& c, std::ostream* os) { *os << describe(c); }
@@ -744,6 +756,7 @@ std::vector<Case> all_cases() {
 class AttentionFwd : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwd, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
   const Case& c = GetParam();
   SCOPED_TRACE(describe(c));
   AttentionFwdCase t(c);
@@ -761,6 +774,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
 
 // Same inputs, same bits: no atomics or order-dependent reductions in the forward pass.
 TEST(AttentionFwdDeterminism, RunToRunIdentical) {
+  FWD_REQUIRE_GPU();
   for (bool pv_int8 : {false, true}) {
     Case c;
     c.name = "determinism";
@@ -783,6 +797,7 @@ TEST(AttentionFwdDeterminism, RunToRunIdentical) {
 
 // No keys at all: every row is "fully masked" (out 0, lse -inf).
 TEST(AttentionFwdEdge, NoKeys) {
+  FWD_REQUIRE_GPU();
   Case c;
   c.name = "no_keys";
   c.Nq = 37;
@@ -795,6 +810,7 @@ TEST(AttentionFwdEdge, NoKeys) {
 
 // Arguments the kernel relies on are validated, never read out of bounds.
 TEST(AttentionFwdValidation, RejectsInvalidArguments) {
+  FWD_REQUIRE_GPU();
   DeviceBuffer buf(1 << 20);  // real device memory, so that a wrongly accepted call stays in bounds
   AttentionFwdParams base{};
   base.B = base.H = 1;
@@ -849,6 +865,110 @@ TEST(AttentionFwdValidation, RejectsInvalidArguments) {
   p = base;
   p.Nq = -1;
   expect_invalid(p, "negative size");
+}
+
+// Timing of attention_fwd (K pre-pass included) on the SPEC.md peer shapes; run with
+//   binformer_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*AttentionFwdBench*'
+// Prints the median of 20 timed calls (after 3 warm-up calls) and the exp floor B*H*Nq*Nk/4.2e12.
+TEST(AttentionFwdBench, DISABLED_PeerShapes) {
+  FWD_REQUIRE_GPU();
+  struct Shape {
+    const char* what;
+    int B, H, N, d;
+    bool causal, relpos, pv_int8;
+    int wh;
+  };
+  const Shape shapes[] = {
+      {"ViT-B/16 224", 128, 12, 197, 64, false, false, false, 0},
+      {"ViT-B/16 224 rel-pos", 128, 12, 197, 64, false, true, false, 14},
+      {"ViT-L/16 384", 32, 16, 577, 64, false, false, false, 0},
+      {"ViT-L/16 384 rel-pos", 32, 16, 577, 64, false, true, false, 24},
+      {"DiT-XL/2 512", 16, 16, 1024, 72, false, false, false, 0},
+      {"3-D medical", 16, 6, 1680, 64, false, false, false, 0},
+      {"N=4096 d=64", 4, 16, 4096, 64, false, false, false, 0},
+      {"N=4096 d=64 causal", 4, 16, 4096, 64, true, false, false, 0},
+      {"N=4096 d=64 pv_int8", 4, 16, 4096, 64, false, false, true, 0},
+      {"N=4096 d=128", 4, 16, 4096, 128, false, false, false, 0},
+      {"N=16384 d=64", 1, 16, 16384, 64, false, false, false, 0},
+  };
+  for (const Shape& sh : shapes) {
+    const int64_t n_qk = int64_t(sh.B) * sh.H * sh.N * sh.d;
+    std::vector<uint16_t> host(static_cast<size_t>(n_qk));
+    uint32_t state = 12345;
+    for (auto& x : host) {  // random fp16 in (-2, 2)
+      state = state * 1664525u + 1013904223u;
+      const __half h = __float2half(float(int32_t(state >> 8) - (1 << 23)) / float(1 << 22));
+      std::memcpy(&x, &h, 2);
+    }
+    DeviceBuffer q(n_qk * 2), k(n_qk * 2), v(n_qk * 2), out(n_qk * 2), lse(size_t(sh.B) * sh.H * sh.N * 4);
+    std::vector<uint8_t> bytes(size_t(n_qk) * 2);
+    std::memcpy(bytes.data(), host.data(), bytes.size());
+    q.upload(bytes);
+    k.upload(bytes);
+    v.upload(bytes);
+    const int T = (2 * sh.wh - 1) * (2 * sh.wh - 1) + 3;
+    DeviceBuffer table(sh.relpos ? size_t(sh.H) * T * 4 : 0), scales(size_t(sh.B) * sh.H * 4),
+        dq(size_t(sh.B) * sh.H * sh.d * 4);
+    if (sh.relpos) ASSERT_EQ(cudaMemset(table.ptr, 0, table.bytes), cudaSuccess);
+    std::vector<float> alphas(size_t(sh.B) * sh.H, 0.8f), dqv(size_t(sh.B) * sh.H * sh.d, 0.01f);
+    ASSERT_EQ(cudaMemcpy(scales.ptr, alphas.data(), scales.bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dq.ptr, dqv.data(), dq.bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    AttentionFwdParams p{};
+    p.B = sh.B;
+    p.H = sh.H;
+    p.Nq = p.Nk = sh.relpos ? 1 + sh.wh * sh.wh : sh.N;
+    p.head_dim = p.v_dim = sh.d;
+    p.q = q.ptr;
+    p.k = k.ptr;
+    p.v = v.ptr;
+    p.out = out.ptr;
+    p.lse = static_cast<float*>(lse.ptr);
+    p.q_dtype = p.k_dtype = p.v_dtype = p.out_dtype = DType::kFloat16;
+    if (sh.pv_int8) {
+      p.v_dtype = DType::kInt8;  // the fp16 bytes reinterpreted as int8 values: timing only
+      p.pv_int8 = true;
+      p.v_dequant = static_cast<float*>(dq.ptr);
+    }
+    for (int64_t* st : {p.q_stride, p.k_stride, p.v_stride, p.out_stride}) {
+      st[2] = sh.d;
+      st[1] = int64_t(p.Nq) * sh.d;
+      st[0] = int64_t(sh.H) * st[1];
+    }
+    // BinaryAttention: per-(batch, head) alpha_q and alpha_k.
+    p.q_scale = p.k_scale = static_cast<float*>(scales.ptr);
+    p.q_scale_stride[0] = p.k_scale_stride[0] = sh.H;
+    p.q_scale_stride[1] = p.k_scale_stride[1] = 1;
+    p.scale = float(1.0 / std::sqrt(double(sh.d)));
+    p.causal = sh.causal;
+    if (sh.relpos) {
+      p.rel_pos_table = static_cast<float*>(table.ptr);
+      p.rel_pos_table_stride_h = T;
+      p.rel_pos_wh = p.rel_pos_ww = sh.wh;
+      p.num_prefix_tokens = 1;
+    }
+    DeviceBuffer ws(binformer::cuda::attention_fwd_workspace_bytes(p));
+    p.workspace = ws.ptr;
+    cudaEvent_t start, stop;
+    ASSERT_EQ(cudaEventCreate(&start), cudaSuccess);
+    ASSERT_EQ(cudaEventCreate(&stop), cudaSuccess);
+    for (int i = 0; i < 3; ++i) ASSERT_EQ(binformer::cuda::attention_fwd(p, nullptr), cudaSuccess);
+    std::vector<float> times;
+    for (int i = 0; i < 20; ++i) {
+      cudaEventRecord(start);
+      ASSERT_EQ(binformer::cuda::attention_fwd(p, nullptr), cudaSuccess);
+      cudaEventRecord(stop);
+      ASSERT_EQ(cudaEventSynchronize(stop), cudaSuccess);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, start, stop);
+      times.push_back(ms * 1e3f);
+    }
+    std::sort(times.begin(), times.end());
+    const double elements = double(sh.B) * sh.H * double(p.Nq) * double(p.Nk) * (sh.causal ? 0.5 : 1.0);
+    std::printf("attention_fwd %-22s B=%d H=%d N=%lld d=%d: %8.1f us (exp floor %.1f us)\n", sh.what,
+                sh.B, sh.H, (long long)p.Nq, sh.d, times[times.size() / 2], elements / 4.2e12 * 1e6);
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
 }
 
 }  // namespace
