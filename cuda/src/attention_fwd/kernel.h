@@ -570,7 +570,7 @@ struct FwdBlock {
   // and row sum are rescaled) only when it grew by more than kRescaleThreshold, decided per row
   // but executed under one warp-uniform branch.
   __device__ __forceinline__ void update_max_and_rescale(float (&tile_max)[kRows]) {
-    float factor[kRows];
+    float m_old[kRows];
     bool moved[kRows];
     bool any = false;
 #pragma unroll
@@ -586,11 +586,17 @@ struct FwdBlock {
       }
       const float m_new = fmaxf(m_run[r], m_tile);
       moved[r] = m_new > m_run[r] + kRescaleThreshold;
-      factor[r] = moved[r] ? ex2_approx(m_run[r] - m_new) : 1.0f;  // 0 when m_run = -inf
+      m_old[r] = m_run[r];
       if (moved[r]) m_run[r] = m_new;
       any |= moved[r];
     }
+    // Rarely taken once the maxima settle: the factors' MUFU work stays inside the branch.
     if (__any_sync(0xffffffffu, any)) {
+      float factor[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        factor[r] = moved[r] ? ex2_approx(m_old[r] - m_run[r]) : 1.0f;  // 0 when m_old = -inf
+      }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) l_run[r] *= factor[r];
 #pragma unroll
