@@ -388,9 +388,11 @@ struct FwdBlock {
                                                int key0, int warp_limit) {
     if (a.bias != nullptr) {
       if (a.bias_dtype == DType::kFloat32) {
-        load_dense_bias<uint32_t, kMask>(s, key0, warp_limit);
+        load_dense_bias<uint32_t, false, kMask>(s, key0, warp_limit);
+      } else if (a.bias_dtype == DType::kFloat16) {
+        load_dense_bias<uint16_t, false, kMask>(s, key0, warp_limit);
       } else {
-        load_dense_bias<uint16_t, kMask>(s, key0, warp_limit);
+        load_dense_bias<uint16_t, true, kMask>(s, key0, warp_limit);
       }
     } else {
 #pragma unroll
@@ -403,18 +405,19 @@ struct FwdBlock {
     if (a.relpos_table != nullptr) add_relpos<kMask>(s, st, key0, warp_limit);
   }
 
-  __device__ __forceinline__ float bias_to_float(uint32_t raw) const {
+  template <bool kBF16>
+  __device__ __forceinline__ static float bias_to_float(uint32_t raw) {
     return __uint_as_float(raw);
   }
-  __device__ __forceinline__ float bias_to_float(uint16_t raw) const {
-    return a.bias_dtype == DType::kFloat16 ? __half2float(__ushort_as_half(raw))
-                                           : __uint_as_float(uint32_t(raw) << 16);
+  template <bool kBF16>
+  __device__ __forceinline__ static float bias_to_float(uint16_t raw) {
+    return kBF16 ? __uint_as_float(uint32_t(raw) << 16) : __half2float(__ushort_as_half(raw));
   }
 
   // Dense bias, read through L1 straight into the score fragment layout. Rows past Nq are
   // clamped (their results are never stored), and in masked tiles keys past Nk too, so every
   // load is in bounds without a branch.
-  template <class Raw, bool kMask>
+  template <class Raw, bool kBF16, bool kMask>
   __device__ __forceinline__ void load_dense_bias(float (&s)[kMT][kNB][4], int key0,
                                                   int warp_limit) {
     const Raw* head = static_cast<const Raw*>(a.bias) + int64_t(b) * a.bias_stride[0] +
@@ -435,8 +438,8 @@ struct FwdBlock {
             hi = v.y;
           } else {
             const uint32_t v = __ldg(reinterpret_cast<const unsigned int*>(rowp[r] + j));
-            lo = bias_to_float(uint16_t(v & 0xFFFFu));
-            hi = bias_to_float(uint16_t(v >> 16));
+            lo = bias_to_float<kBF16>(uint16_t(v & 0xFFFFu));
+            hi = bias_to_float<kBF16>(uint16_t(v >> 16));
           }
           s[r / 2][nb][2 * (r % 2)] = lo;
           s[r / 2][nb][2 * (r % 2) + 1] = hi;
@@ -454,8 +457,8 @@ struct FwdBlock {
         }
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          s[r / 2][nb][2 * (r % 2)] = bias_to_float(Raw(__ldg(rowp[r] + j0 * s3)));
-          s[r / 2][nb][2 * (r % 2) + 1] = bias_to_float(Raw(__ldg(rowp[r] + j1 * s3)));
+          s[r / 2][nb][2 * (r % 2)] = bias_to_float<kBF16>(Raw(__ldg(rowp[r] + j0 * s3)));
+          s[r / 2][nb][2 * (r % 2) + 1] = bias_to_float<kBF16>(Raw(__ldg(rowp[r] + j1 * s3)));
         }
       }
     }
