@@ -383,7 +383,16 @@ def _attention_setup_context(ctx, inputs, output):
     q, k, v, q_scale, k_scale, bias, rel_pos_table = inputs[:7]
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, q_scale, k_scale, bias, rel_pos_table)
+    ste = inputs[_IN["grad_mode"]] == "ste"
+    # The backward needs only the signs of q / k, plus the float values for the straight-through
+    # mask |x| <= 1 when x itself gets a gradient. Otherwise keep the packed bits (d/8 bytes
+    # per row instead of 2d or 4d), so the float q / k can be freed after the forward.
+    def saved(x, name):
+        if x.dtype == BITS_DTYPE or (ste and ctx.needs_input_grad[_IN[name]]):
+            return x
+        return torch.ops.binformer.pack_sign(x)
+
+    ctx.save_for_backward(saved(q, "q"), saved(k, "k"), v, out, lse, q_scale, k_scale, bias, rel_pos_table)
     ctx.rel_pos_wh = inputs[_IN["rel_pos_wh"]]
     ctx.rel_pos_ww = inputs[_IN["rel_pos_ww"]]
     ctx.num_prefix_tokens = inputs[_IN["num_prefix_tokens"]]
@@ -391,6 +400,7 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.scale = inputs[_IN["scale"]]
     ctx.is_causal = inputs[_IN["is_causal"]]
     ctx.grad_mode = inputs[_IN["grad_mode"]]
+    ctx.float_head_dim = q.shape[-1] if q.dtype != BITS_DTYPE else k.shape[-1]
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
@@ -415,8 +425,8 @@ def _attention_backward(ctx, grad_out, grad_lse):
         return tuple(grads)
 
     head_dim = ctx.head_dim
-    if head_dim <= 0:  # a direct op call with float q / k may leave head_dim = 0
-        head_dim = q.shape[-1] if q.dtype != BITS_DTYPE else k.shape[-1]
+    if head_dim <= 0:  # a direct op call with a float q or k may leave head_dim = 0
+        head_dim = ctx.float_head_dim
     q_bits = q if q.dtype == BITS_DTYPE else torch.ops.binformer.pack_sign(q)
     k_bits = k if k.dtype == BITS_DTYPE else torch.ops.binformer.pack_sign(k)
     dout = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()

@@ -180,6 +180,23 @@ def test_lse_is_not_differentiable(bwd_device):
     assert out.requires_grad and not lse.requires_grad
 
 
+@pytest.mark.parametrize("grad_mode,q_requires_grad,kept", [("hamming", True, False), ("ste", False, False), ("ste", True, True)])
+def test_float_q_is_saved_only_when_needed(bwd_device, grad_mode, q_requires_grad, kept):
+    """The backward keeps the float q only for the straight-through mask; otherwise it saves the
+    packed bits, so q can be freed after the forward (16x less activation memory in fp16)."""
+    import weakref
+
+    q_leaf, k, v, _ = make_inputs(Case(Nq=9, Nk=12, dtype=torch.float16), bwd_device)
+    q = q_leaf.requires_grad_(q_requires_grad).clone()  # an intermediate, like a projection's output
+    v.requires_grad_()
+    q_ref = weakref.ref(q)
+    out = binformer.attention(q, k, v, grad_mode=grad_mode)
+    del q
+    assert (q_ref() is not None) == kept
+    out.sum().backward()
+    assert v.grad is not None
+
+
 def test_prepacked_bits_get_no_gradient(bwd_device):
     q, k, v, _ = make_inputs(Case(Nq=9, Nk=12, q_bits=True), bwd_device)
     k.requires_grad_()
