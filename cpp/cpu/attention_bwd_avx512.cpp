@@ -1,6 +1,515 @@
-// AVX-512 attention backward (interim: the portable implementation; vectorised version pending).
-#include "internal.h"
+// AVX-512 attention backward (flash-style: P recomputed from the sign bits and the saved lse).
+//
+//   P_ij = 2^(s_ij - lse_i log2 e)         s in the log2 domain as in the forward
+//   dP_ij = dO_i . V_j,  D_i = dO_i . O_i,  dS_ij = P_ij (dP_ij - D_i)
+//
+// Two passes, both recomputing P, dP and dS tile by tile (4 query rows x 64 keys):
+//  A. key-major: one task per (b, h, 64 keys) walks all query rows in ascending order and owns
+//     dv, dk_scale and dk_sign of its keys;
+//  B. query-major: one task per (b, h, 64 query rows) walks the keys in ascending order and owns
+//     dq_scale, dq_sign and dbias of its rows, plus a partial rel-pos table that is reduced per
+//     head in task order afterwards.
+// Every output is summed by one task in a fixed order, so the bits do not depend on the number
+// of threads or on how parallel_for splits the tasks.
+//
+// Sign gradients: sum_i u_i sign(q_ic) = 2 sum_{i: bit c of q_i = 1} u_i - sum_i u_i, so they
+// accumulate with masked adds driven by the sign bits (on the FP add pipes, beside the FMAs of
+// dP and dV) instead of multiplications by +-1.
+#include <vector>
+
+#include "attention_avx512.h"
 
 namespace binformer::cpu::detail {
-void attention_bwd_avx512(const AttentionBwdParams& p) { attention_bwd_scalar(p); }
+namespace {
+
+constexpr int kKeyBlock = 64;               // keys per tile (4 vectors of 16)
+constexpr int kKeyVecs = kKeyBlock / 16;
+constexpr int kChunkTiles = 4;              // pass A: row tiles per step (16 rows)
+constexpr int kTaskRowsB = 64;              // pass B: query rows per task
+constexpr int kChanChunk = 64;              // channels per register block (4 zmm)
+
+// Per (b, h) inputs, prepared once.
+struct BwdHead {
+  KeyInputs keys;            // transposed k bits, per-key b_j (nullptr when constant)
+  float k_factor_const;      // b when constant over keys
+  const float* v_t;          // [nk_pad / 16][Dv][16]: channel c of 16 consecutive keys
+  const float* dout;         // [Nq][dv_pad] fp32, zero padded
+  const float* row_delta;    // [Nq] D_i
+  const float* lse2;         // [Nq] lse_i log2(e)
+  const uint32_t* q_bits;    // row i at q_bits + i * q_row_stride (the caller's array)
+  int64_t q_row_stride;
+  const uint32_t* k_bits;
+  int64_t k_row_stride;
+};
+
+struct BwdPlan {
+  const AttentionBwdParams& p;
+  int words = 0, dv_pad = 0, d_pad = 0;
+  int64_t nk_pad = 0;
+  bool k_factor_per_key = false;
+  bool bias_in_row_buffer = false;
+  bool has_bias = false;
+  AlignedArray<uint32_t> k_bits_t;
+  AlignedArray<float> k_factor, v_t, dout, row_delta, lse2, rel_reversed;
+  std::vector<BwdHead> heads;
+  explicit BwdPlan(const AttentionBwdParams& params) : p(params) {}
+};
+
+void build_plan(BwdPlan& plan) {
+  const AttentionBwdParams& p = plan.p;
+  const int64_t BH = p.B * p.H, Nq = p.Nq, Nk = p.Nk;
+  const int d = p.head_dim, dv = p.v_dim;
+  plan.words = words_for(d);
+  plan.dv_pad = int(round_up(dv, 16));
+  plan.d_pad = int(round_up(d, 16));
+  plan.nk_pad = round_up(std::max<int64_t>(Nk, 1), kKeyBlock);
+  plan.k_factor_per_key = p.k_scale && p.k_scale_stride[2] != 0;
+  plan.has_bias = p.bias || p.rel_pos_table;
+  plan.bias_in_row_buffer =
+      p.rel_pos_table || (p.bias && (p.bias_dtype != DType::kFloat32 || p.bias_stride[3] != 1));
+  const int64_t nk_pad = plan.nk_pad;
+  const int words = plan.words, dv_pad = plan.dv_pad;
+  plan.k_bits_t = make_aligned<uint32_t>(size_t(BH * nk_pad * words));
+  if (plan.k_factor_per_key) plan.k_factor = make_aligned<float>(size_t(BH * nk_pad));
+  plan.v_t = make_aligned<float>(size_t(BH * nk_pad * dv));
+  plan.dout = make_aligned<float>(size_t(BH * Nq * dv_pad));
+  plan.row_delta = make_aligned<float>(size_t(BH * Nq));
+  plan.lse2 = make_aligned<float>(size_t(BH * Nq));
+  if (p.rel_pos_table) {
+    const RelPosGeometry geo(p.rel_pos_wh, p.rel_pos_ww, p.num_prefix_tokens);
+    const int64_t T = geo.table_size;
+    plan.rel_reversed = make_aligned<float>(size_t(p.H * T));
+    for (int64_t h = 0; h < p.H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        plan.rel_reversed[h * T + t] = p.rel_pos_table[h * p.rel_pos_table_stride_h + T - 1 - t];
+  }
+  plan.heads.resize(size_t(BH));
+  const size_t vsize = dtype_size(p.v_dtype);
+
+  parallel_for(BH, 1, [&](int64_t bh_begin, int64_t bh_end) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      BwdHead& head = plan.heads[size_t(bh)];
+      uint32_t* kt = plan.k_bits_t.get() + bh * nk_pad * words;
+      transpose_key_bits(p.k_bits, DType::kBits, b * p.k_stride[0] + h * p.k_stride[1], p.k_stride[2], Nk, nk_pad, d, kt);
+      head.keys.bits_t = kt;
+      head.keys.factor = nullptr;
+      const int64_t ks_head = p.k_scale ? b * p.k_scale_stride[0] + h * p.k_scale_stride[1] : 0;
+      head.k_factor_const = p.k_scale && !plan.k_factor_per_key ? p.k_scale[ks_head] : 1.0f;
+      if (plan.k_factor_per_key) {
+        float* kf = plan.k_factor.get() + bh * nk_pad;
+        for (int64_t j = 0; j < nk_pad; ++j) kf[j] = j < Nk ? p.k_scale[ks_head + j * p.k_scale_stride[2]] : 0.0f;
+        head.keys.factor = kf;
+      }
+      // V transposed per group of 16 keys (zero for padded keys, so their dP is 0).
+      float* vt = plan.v_t.get() + bh * nk_pad * dv;
+      const char* v_head = static_cast<const char*>(p.v) + (b * p.v_stride[0] + h * p.v_stride[1]) * vsize;
+      for (int64_t j = 0; j < nk_pad; ++j)
+        for (int c = 0; c < dv; ++c)
+          vt[((j / 16) * dv + c) * 16 + j % 16] = j < Nk ? load_as_float(v_head, p.v_dtype, j * p.v_stride[2] + c) : 0.0f;
+      head.v_t = vt;
+      // dO as fp32 rows, D_i = dO_i . O_i, lse in log2 units.
+      float* dout = plan.dout.get() + bh * Nq * dv_pad;
+      float* delta = plan.row_delta.get() + bh * Nq;
+      float* lse2 = plan.lse2.get() + bh * Nq;
+      const char* do_head = static_cast<const char*>(p.dout) + (b * p.dout_stride[0] + h * p.dout_stride[1]) * vsize;
+      const char* o_head = static_cast<const char*>(p.out) + (b * p.out_stride[0] + h * p.out_stride[1]) * vsize;
+      for (int64_t i = 0; i < Nq; ++i) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < dv_pad; c += 16) {
+          const __mmask16 lanes = first_lanes16(dv - c);
+          const __m512 g = load16_as_float(do_head + (i * p.dout_stride[2] + c) * vsize, p.v_dtype, lanes);
+          const __m512 o = load16_as_float(o_head + (i * p.out_stride[2] + c) * vsize, p.v_dtype, lanes);
+          _mm512_store_ps(dout + i * dv_pad + c, g);
+          acc = _mm512_fmadd_ps(g, o, acc);
+        }
+        delta[i] = _mm512_reduce_add_ps(acc);
+        lse2[i] = p.lse[bh * Nq + i] * kLog2e;
+      }
+      head.dout = dout;
+      head.row_delta = delta;
+      head.lse2 = lse2;
+      head.q_bits = p.q_bits + b * p.q_stride[0] + h * p.q_stride[1];
+      head.q_row_stride = p.q_stride[2];
+      head.k_bits = p.k_bits + b * p.k_stride[0] + h * p.k_stride[1];
+      head.k_row_stride = p.k_stride[2];
+    }
+  });
+}
+
+// ------------------------------------------------------------------ one tile: P, dS
+// Rows of a tile and what the gradient code needs of them.
+struct GradRows {
+  TileRows score;              // q words, slope/offset (unused here), bias rows, key limits
+  float coef[kTileRows];       // scale * a_i * (b when constant) * log2(e)
+  float m[kTileRows];          // lse_i log2(e) (0 for a fully masked row: its key_limit is 0)
+  float delta[kTileRows];      // D_i
+  float a[kTileRows];          // a_i
+  const float* dout[kTileRows];
+  int real_rows;               // rows beyond it repeat the last one and must not be summed
+};
+
+struct TileGrads {
+  alignas(64) float p[kTileRows][kKeyBlock];
+  alignas(64) float ds[kTileRows][kKeyBlock];   // dS
+  alignas(64) float dsd[kTileRows][kKeyBlock];  // dS * dot (for the scale gradients)
+};
+
+// P, dS and dS * dot for the tile rows x keys [j0, j0 + 64) (keys past the limits give 0).
+template <bool kBias, bool kKeyFactor>
+void tile_grads(const BwdHead& head, const GradRows& rows, int words, int d, int dv, int64_t j0, TileGrads& g) {
+  // dP = dO V^T: 4 rows x 64 keys in registers, one broadcast of dO_ic per row and channel.
+  __m512 dp[kTileRows][kKeyVecs];
+  for (int r = 0; r < kTileRows; ++r)
+    for (int v = 0; v < kKeyVecs; ++v) dp[r][v] = _mm512_setzero_ps();
+  const float* vt = head.v_t + (j0 / 16) * dv * 16;
+  for (int c = 0; c < dv; ++c) {
+    __m512 vv[kKeyVecs];
+    for (int v = 0; v < kKeyVecs; ++v) vv[v] = _mm512_load_ps(vt + (v * dv + c) * 16);
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512 go = _mm512_set1_ps(rows.dout[r][c]);
+      for (int v = 0; v < kKeyVecs; ++v) dp[r][v] = _mm512_fmadd_ps(go, vv[v], dp[r][v]);
+    }
+  }
+  const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int r = 0; r < kTileRows; ++r) {
+    const uint32_t* q = rows.score.q[r];
+    for (int v = 0; v < kKeyVecs; ++v) {
+      const int64_t j = j0 + 16 * v;
+      const uint32_t* k_group = head.keys.bits_t + (j / 16) * words * 16;
+      __m512i count = _mm512_setzero_si512();
+      for (int w = 0; w < words; ++w)
+        count = _mm512_add_epi32(count, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group + 16 * w),
+                                                                             _mm512_set1_epi32(int(q[w])))));
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(d), _mm512_slli_epi32(count, 1)));
+      const __mmask16 valid =
+          _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane_index, _mm512_set1_epi32(int(j))),
+                                  _mm512_set1_epi32(rows.score.key_limit[r]));
+      __m512 coef = _mm512_set1_ps(rows.coef[r]);
+      if constexpr (kKeyFactor) coef = _mm512_mul_ps(coef, _mm512_load_ps(head.keys.factor + j));
+      __m512 x = _mm512_fmsub_ps(dot, coef, _mm512_set1_ps(rows.m[r]));
+      if constexpr (kBias)
+        x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, rows.score.bias[r] + j), _mm512_set1_ps(kLog2e), x);
+      x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), valid, x);
+      const __m512 prob = exp2_ps<6>(x);
+      // Masked keys: exactly 0 whatever dP holds.
+      const __m512 ds = _mm512_maskz_mul_ps(valid, prob, _mm512_sub_ps(dp[r][v], _mm512_set1_ps(rows.delta[r])));
+      _mm512_store_ps(&g.p[r][16 * v], prob);
+      _mm512_store_ps(&g.ds[r][16 * v], ds);
+      _mm512_store_ps(&g.dsd[r][16 * v], _mm512_mul_ps(ds, dot));
+    }
+  }
+}
+
+// Fills the score rows of a tile starting at query row i0 (rows past Nq repeat the last one).
+// Bias rows must cover the keys [j_lo, j_hi): expanded into `bias_buf` ([kTileRows][nk_pad])
+// when the bias is not a plain fp32 row of the caller.
+void setup_rows(const BwdPlan& plan, const BwdHead& head, int64_t bh, int64_t i0, int64_t j_lo, int64_t j_hi,
+                float* bias_buf, GradRows& rows) {
+  const AttentionBwdParams& p = plan.p;
+  const int64_t b = bh / p.H, h = bh % p.H, Nk = p.Nk;
+  rows.real_rows = int(std::min<int64_t>(kTileRows, p.Nq - i0));
+  const RelPosGeometry geo(p.rel_pos_wh, p.rel_pos_ww, p.num_prefix_tokens);
+  for (int r = 0; r < kTileRows; ++r) {
+    const int64_t i = i0 + std::min(r, rows.real_rows - 1);
+    rows.score.q[r] = head.q_bits + i * head.q_row_stride;
+    rows.a[r] = p.q_scale ? p.q_scale[b * p.q_scale_stride[0] + h * p.q_scale_stride[1] + i * p.q_scale_stride[2]] : 1.0f;
+    rows.coef[r] = p.scale * rows.a[r] * head.k_factor_const * kLog2e;
+    rows.delta[r] = head.row_delta[i];
+    rows.dout[r] = head.dout + i * plan.dv_pad;
+    const float lse2 = head.lse2[i];
+    const bool empty = lse2 == kNegInf;  // fully masked in the forward: P = 0
+    rows.m[r] = empty ? 0.0f : lse2;
+    rows.score.key_limit[r] = empty ? 0 : int32_t(p.causal ? std::min<int64_t>(Nk, i + 1) : Nk);
+    rows.score.bias[r] = nullptr;
+    if (plan.bias_in_row_buffer) {
+      float* dst = bias_buf + r * plan.nk_pad;
+      const int64_t j1 = std::min(j_hi, Nk);
+      if (p.rel_pos_table) {
+        geo.expand_row(p.rel_pos_table + h * p.rel_pos_table_stride_h,
+                       plan.rel_reversed.get() + h * geo.table_size, i, j_lo, j1, dst + j_lo);
+      } else {
+        std::memset(dst + j_lo, 0, size_t(std::max<int64_t>(0, j1 - j_lo)) * sizeof(float));
+      }
+      if (p.bias) {
+        const int64_t off = b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2];
+        for (int64_t j = j_lo; j < j1; ++j) dst[j] += load_as_float(p.bias, p.bias_dtype, off + j * p.bias_stride[3]);
+      }
+      rows.score.bias[r] = dst;
+    } else if (p.bias) {
+      rows.score.bias[r] = static_cast<const float*>(p.bias) + b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2];
+    }
+  }
+}
+
+// ------------------------------------------------------------------ pass A (key-major)
+struct PassAScratch {
+  AlignedArray<float> dv_acc;    // [64][dv_pad]
+  AlignedArray<float> sign_acc;  // [64][d_pad]: T_j[c] = sum over rows with bit c set of dS a
+  AlignedArray<float> bias_buf;  // [kTileRows][nk_pad]
+  TileGrads grads[kChunkTiles];
+  GradRows rows[kChunkTiles];
+};
+
+template <bool kBias, bool kKeyFactor>
+void pass_a_task(const BwdPlan& plan, PassAScratch& s, int64_t bh, int64_t j0) {
+  const AttentionBwdParams& p = plan.p;
+  const BwdHead& head = plan.heads[size_t(bh)];
+  const int d = p.head_dim, dv = p.v_dim, dv_pad = plan.dv_pad, d_pad = plan.d_pad, words = plan.words;
+  const int keys = int(std::min<int64_t>(kKeyBlock, p.Nk - j0));
+  const bool want_dv = p.dv != nullptr, want_sign = p.dk_sign != nullptr, want_scale = p.dk_scale != nullptr;
+  if (want_dv) std::memset(s.dv_acc.get(), 0, size_t(kKeyBlock) * dv_pad * sizeof(float));
+  if (want_sign) std::memset(s.sign_acc.get(), 0, size_t(kKeyBlock) * d_pad * sizeof(float));
+  __m512 scale_acc[kKeyVecs], u_sum[kKeyVecs];  // sum_i dS a_i dot, sum_i dS a_i
+  for (int v = 0; v < kKeyVecs; ++v) scale_acc[v] = u_sum[v] = _mm512_setzero_ps();
+
+  // Causal: rows i < j0 see none of these keys.
+  const int64_t i_begin = p.causal ? std::min<int64_t>(j0, p.Nq) : 0;
+  for (int64_t ic = i_begin; ic < p.Nq; ic += kTileRows * kChunkTiles) {
+    int tiles = 0;
+    for (int t = 0; t < kChunkTiles && ic + t * kTileRows < p.Nq; ++t, ++tiles) {
+      GradRows& rows = s.rows[t];
+      setup_rows(plan, head, bh, ic + t * kTileRows, j0, j0 + kKeyBlock, s.bias_buf.get(), rows);
+      rows.score.unmasked_end = 0;
+      tile_grads<kBias, kKeyFactor>(head, rows, words, d, dv, j0, s.grads[t]);
+      TileGrads& g = s.grads[t];
+      for (int r = 0; r < rows.real_rows; ++r) {
+        const __m512 a = _mm512_set1_ps(rows.a[r]);
+        for (int v = 0; v < kKeyVecs; ++v) {
+          scale_acc[v] = _mm512_fmadd_ps(_mm512_load_ps(&g.dsd[r][16 * v]), a, scale_acc[v]);
+          // u = dS a_i, kept in place of dS for the sign gradient below.
+          const __m512 u = _mm512_mul_ps(_mm512_load_ps(&g.ds[r][16 * v]), a);
+          _mm512_store_ps(&g.ds[r][16 * v], u);
+          u_sum[v] = _mm512_add_ps(u_sum[v], u);
+        }
+      }
+    }
+    // dV_j += sum_i P_ij dO_i: 4 keys x 64 channels per register block.
+    if (want_dv) {
+      for (int k0 = 0; k0 < keys; k0 += 4) {
+        for (int c0 = 0; c0 < dv_pad; c0 += kChanChunk) {
+          const int vecs = std::min(kChanChunk, dv_pad - c0) / 16;
+          __m512 acc[4][4];
+          for (int kk = 0; kk < 4; ++kk)
+            for (int k = 0; k < vecs; ++k) acc[kk][k] = _mm512_load_ps(s.dv_acc.get() + (k0 + kk) * dv_pad + c0 + 16 * k);
+          for (int t = 0; t < tiles; ++t)
+            for (int r = 0; r < s.rows[t].real_rows; ++r) {
+              const float* go = s.rows[t].dout[r] + c0;
+              __m512 g[4];
+              for (int k = 0; k < vecs; ++k) g[k] = _mm512_load_ps(go + 16 * k);
+              for (int kk = 0; kk < 4; ++kk) {
+                const __m512 pr = _mm512_set1_ps(s.grads[t].p[r][k0 + kk]);
+                for (int k = 0; k < vecs; ++k) acc[kk][k] = _mm512_fmadd_ps(pr, g[k], acc[kk][k]);
+              }
+            }
+          for (int kk = 0; kk < 4; ++kk)
+            for (int k = 0; k < vecs; ++k) _mm512_store_ps(s.dv_acc.get() + (k0 + kk) * dv_pad + c0 + 16 * k, acc[kk][k]);
+        }
+      }
+    }
+    // T_j[c] += dS_ij a_i where bit c of q_i is 1.
+    if (want_sign) {
+      for (int k0 = 0; k0 < keys; k0 += 4) {
+        for (int c0 = 0; c0 < d_pad; c0 += kChanChunk) {
+          const int vecs = std::min(kChanChunk, d_pad - c0) / 16;
+          __m512 acc[4][4];
+          for (int kk = 0; kk < 4; ++kk)
+            for (int k = 0; k < vecs; ++k) acc[kk][k] = _mm512_load_ps(s.sign_acc.get() + (k0 + kk) * d_pad + c0 + 16 * k);
+          for (int t = 0; t < tiles; ++t)
+            for (int r = 0; r < s.rows[t].real_rows; ++r) {
+              const uint16_t* bits16 = reinterpret_cast<const uint16_t*>(s.rows[t].score.q[r]) + c0 / 16;
+              for (int kk = 0; kk < 4; ++kk) {
+                const __m512 uu = _mm512_set1_ps(s.grads[t].ds[r][k0 + kk]);
+                for (int k = 0; k < vecs; ++k)
+                  acc[kk][k] = _mm512_mask_add_ps(acc[kk][k], __mmask16(bits16[k]), acc[kk][k], uu);
+              }
+            }
+          for (int kk = 0; kk < 4; ++kk)
+            for (int k = 0; k < vecs; ++k) _mm512_store_ps(s.sign_acc.get() + (k0 + kk) * d_pad + c0 + 16 * k, acc[kk][k]);
+        }
+      }
+    }
+  }
+
+  // Write the keys of this block.
+  alignas(64) float dk_scale[kKeyBlock], u_total[kKeyBlock];
+  for (int v = 0; v < kKeyVecs; ++v) {
+    _mm512_store_ps(dk_scale + 16 * v, _mm512_mul_ps(scale_acc[v], _mm512_set1_ps(p.scale)));
+    _mm512_store_ps(u_total + 16 * v, u_sum[v]);
+  }
+  for (int t = 0; t < keys; ++t) {
+    const int64_t j = j0 + t;
+    if (want_scale) p.dk_scale[bh * p.Nk + j] = dk_scale[t];
+    if (want_dv) std::memcpy(p.dv + (bh * p.Nk + j) * dv, s.dv_acc.get() + t * dv_pad, size_t(dv) * sizeof(float));
+    if (want_sign) {
+      // dk_sign_jc = scale b_j sum_i dS a_i sign(q_ic) = scale b_j (2 T_jc - U_j).
+      const float bj = head.keys.factor ? head.keys.factor[j] : head.k_factor_const;
+      const __m512 f = _mm512_set1_ps(p.scale * bj), total = _mm512_set1_ps(u_total[t]);
+      float* dst = p.dk_sign + (bh * p.Nk + j) * d;
+      for (int c = 0; c < d; c += 16) {
+        const __m512 tt = _mm512_load_ps(s.sign_acc.get() + t * d_pad + c);
+        _mm512_mask_storeu_ps(dst + c, first_lanes16(d - c),
+                              _mm512_mul_ps(f, _mm512_sub_ps(_mm512_add_ps(tt, tt), total)));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ pass B (query-major)
+struct PassBScratch {
+  AlignedArray<float> sign_acc;  // [kTileRows][d_pad]
+  AlignedArray<float> bias_buf;  // [kTileRows][nk_pad]
+  TileGrads grads;
+  GradRows rows;
+};
+
+template <bool kBias, bool kKeyFactor>
+void pass_b_task(const BwdPlan& plan, PassBScratch& s, int64_t bh, int64_t i_begin, int64_t i_end, float* rel_partial) {
+  const AttentionBwdParams& p = plan.p;
+  const BwdHead& head = plan.heads[size_t(bh)];
+  const int d = p.head_dim, dv = p.v_dim, d_pad = plan.d_pad, words = plan.words;
+  const int64_t Nk = p.Nk;
+  const bool want_sign = p.dq_sign != nullptr;
+  const RelPosGeometry geo(p.rel_pos_wh, p.rel_pos_ww, p.num_prefix_tokens);
+  if (rel_partial) std::memset(rel_partial, 0, size_t(geo.table_size) * sizeof(float));
+
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kTileRows) {
+    GradRows& rows = s.rows;
+    setup_rows(plan, head, bh, i0, 0, Nk, s.bias_buf.get(), rows);
+    rows.score.unmasked_end = 0;
+    int64_t key_end = 0;
+    for (int r = 0; r < kTileRows; ++r) key_end = std::max<int64_t>(key_end, rows.score.key_limit[r]);
+    if (want_sign) std::memset(s.sign_acc.get(), 0, size_t(kTileRows) * d_pad * sizeof(float));
+    __m512 scale_acc[kTileRows], u_sum[kTileRows];  // sum_j dS b_j dot, sum_j dS b_j
+    for (int r = 0; r < kTileRows; ++r) scale_acc[r] = u_sum[r] = _mm512_setzero_ps();
+
+    for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+      const int keys = int(std::min<int64_t>(kKeyBlock, Nk - j0));
+      TileGrads& g = s.grads;
+      tile_grads<kBias, kKeyFactor>(head, rows, words, d, dv, j0, g);
+      for (int r = 0; r < kTileRows; ++r)
+        for (int v = 0; v < kKeyVecs; ++v) {
+          const int64_t j = j0 + 16 * v;
+          const __m512 col = head.keys.factor ? _mm512_load_ps(head.keys.factor + j) : _mm512_set1_ps(head.k_factor_const);
+          scale_acc[r] = _mm512_fmadd_ps(_mm512_load_ps(&g.dsd[r][16 * v]), col, scale_acc[r]);
+          // u = dS b_j in place of dS (dS itself is stored to dbias / rel-pos first).
+          const __m512 ds = _mm512_load_ps(&g.ds[r][16 * v]);
+          if (p.dbias && r < rows.real_rows)
+            _mm512_mask_storeu_ps(p.dbias + (bh * p.Nq + i0 + r) * Nk + j, first_lanes16(Nk - j), ds);
+          const __m512 u = _mm512_mul_ps(ds, col);
+          u_sum[r] = _mm512_add_ps(u_sum[r], u);
+        }
+      if (rel_partial)
+        for (int r = 0; r < rows.real_rows; ++r) geo.accumulate_row(rel_partial, i0 + r, j0, j0 + keys, g.ds[r]);
+      if (want_sign) {
+        for (int r = 0; r < kTileRows; ++r)
+          for (int v = 0; v < kKeyVecs; ++v) {
+            const int64_t j = j0 + 16 * v;
+            const __m512 col = head.keys.factor ? _mm512_load_ps(head.keys.factor + j) : _mm512_set1_ps(head.k_factor_const);
+            _mm512_store_ps(&g.ds[r][16 * v], _mm512_mul_ps(_mm512_load_ps(&g.ds[r][16 * v]), col));
+          }
+        // T_i[c] += dS_ij b_j where bit c of k_j is 1: 4 rows x 64 channels per register block.
+        for (int c0 = 0; c0 < d_pad; c0 += kChanChunk) {
+          const int vecs = std::min(kChanChunk, d_pad - c0) / 16;
+          __m512 acc[kTileRows][4];
+          for (int r = 0; r < kTileRows; ++r)
+            for (int k = 0; k < vecs; ++k) acc[r][k] = _mm512_load_ps(s.sign_acc.get() + r * d_pad + c0 + 16 * k);
+          for (int t = 0; t < keys; ++t) {
+            const uint16_t* bits16 = reinterpret_cast<const uint16_t*>(head.k_bits + (j0 + t) * head.k_row_stride) + c0 / 16;
+            __mmask16 m[4];
+            for (int k = 0; k < vecs; ++k) m[k] = __mmask16(bits16[k]);
+            for (int r = 0; r < kTileRows; ++r) {
+              const __m512 uu = _mm512_set1_ps(g.ds[r][t]);
+              for (int k = 0; k < vecs; ++k) acc[r][k] = _mm512_mask_add_ps(acc[r][k], m[k], acc[r][k], uu);
+            }
+          }
+          for (int r = 0; r < kTileRows; ++r)
+            for (int k = 0; k < vecs; ++k) _mm512_store_ps(s.sign_acc.get() + r * d_pad + c0 + 16 * k, acc[r][k]);
+        }
+      }
+    }
+    // Rows of this tile: dq_scale, dq_sign; dbias is 0 past the causal key range.
+    for (int r = 0; r < rows.real_rows; ++r) {
+      const int64_t i = i0 + r;
+      if (p.dq_scale) p.dq_scale[bh * p.Nq + i] = p.scale * _mm512_reduce_add_ps(scale_acc[r]);
+      if (p.dbias && key_end < Nk) {
+        // Keys from the first block past key_end (the loop above stored whole blocks).
+        const int64_t from = round_up(key_end, kKeyBlock) < Nk ? round_up(key_end, kKeyBlock) : Nk;
+        std::memset(p.dbias + (bh * p.Nq + i) * Nk + from, 0, size_t(Nk - from) * sizeof(float));
+      }
+      if (want_sign) {
+        // dq_sign_ic = scale a_i sum_j dS b_j sign(k_jc) = scale a_i (2 T_ic - U_i).
+        const __m512 f = _mm512_set1_ps(p.scale * rows.a[r]);
+        const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(u_sum[r]));
+        float* dst = p.dq_sign + (bh * p.Nq + i) * d;
+        for (int c = 0; c < d; c += 16) {
+          const __m512 tt = _mm512_load_ps(s.sign_acc.get() + r * d_pad + c);
+          _mm512_mask_storeu_ps(dst + c, first_lanes16(d - c), _mm512_mul_ps(f, _mm512_sub_ps(_mm512_add_ps(tt, tt), total)));
+        }
+      }
+    }
+  }
+}
+
+template <bool kBias, bool kKeyFactor>
+void run_passes(BwdPlan& plan) {
+  const AttentionBwdParams& p = plan.p;
+  const int64_t BH = p.B * p.H;
+  if (p.dv || p.dk_scale || p.dk_sign) {
+    const int64_t key_blocks = ceil_div(p.Nk, kKeyBlock);
+    parallel_for(BH * key_blocks, 1, [&](int64_t begin, int64_t end) {
+      auto s = std::make_unique<PassAScratch>();
+      s->dv_acc = make_aligned<float>(size_t(kKeyBlock) * plan.dv_pad);
+      s->sign_acc = make_aligned<float>(size_t(kKeyBlock) * plan.d_pad);
+      s->bias_buf = make_aligned<float>(size_t(kTileRows) * plan.nk_pad);
+      for (int64_t t = begin; t < end; ++t) pass_a_task<kBias, kKeyFactor>(plan, *s, t / key_blocks, (t % key_blocks) * kKeyBlock);
+    });
+  }
+  const bool want_rel = p.drel_pos_table && p.rel_pos_table;
+  const RelPosGeometry geo(p.rel_pos_wh, p.rel_pos_ww, p.num_prefix_tokens);
+  const int64_t T = geo.table_size;
+  const int64_t row_blocks = ceil_div(p.Nq, kTaskRowsB);
+  AlignedArray<float> rel_partial;
+  if (want_rel) rel_partial = make_aligned<float>(size_t(BH * row_blocks * T));
+  if (p.dq_scale || p.dq_sign || p.dbias || want_rel) {
+    parallel_for(BH * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      auto s = std::make_unique<PassBScratch>();
+      s->sign_acc = make_aligned<float>(size_t(kTileRows) * plan.d_pad);
+      s->bias_buf = make_aligned<float>(size_t(kTileRows) * plan.nk_pad);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / row_blocks, i0 = (t % row_blocks) * kTaskRowsB;
+        pass_b_task<kBias, kKeyFactor>(plan, *s, bh, i0, std::min(p.Nq, i0 + kTaskRowsB),
+                                       want_rel ? rel_partial.get() + t * T : nullptr);
+      }
+    });
+  }
+  if (p.drel_pos_table) {
+    // Per head, in the forward layout: sum of the partial tables over b and row blocks in
+    // ascending order (reversed position T - 1 - idx holds entry idx).
+    for (int64_t h = 0; h < p.H; ++h) {
+      float* dst = p.drel_pos_table + h * T;
+      std::memset(dst, 0, size_t(T) * sizeof(float));
+      if (!want_rel) continue;
+      for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t blk = 0; blk < row_blocks; ++blk) {
+          const float* src = rel_partial.get() + ((b * p.H + h) * row_blocks + blk) * T;
+          for (int64_t idx = 0; idx < T; ++idx) dst[idx] += src[T - 1 - idx];
+        }
+    }
+  }
+}
+
+}  // namespace
+
+void attention_bwd_avx512(const AttentionBwdParams& p) {
+  if (p.B <= 0 || p.H <= 0 || p.Nq <= 0 || p.Nk <= 0) return attention_bwd_scalar(p);  // zero-fills
+  BwdPlan plan(p);
+  build_plan(plan);
+  if (plan.has_bias) {
+    plan.k_factor_per_key ? run_passes<true, true>(plan) : run_passes<true, false>(plan);
+  } else {
+    plan.k_factor_per_key ? run_passes<false, true>(plan) : run_passes<false, false>(plan);
+  }
+}
+
 }  // namespace binformer::cpu::detail

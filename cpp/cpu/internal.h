@@ -2,10 +2,11 @@
 // (portable scalar C++ and AVX-512) and the small helpers both share.
 //
 // Files named *_avx512.cpp are compiled with AVX-512 flags (see CMakeLists.txt) and are only
-// entered after active_isa() said the CPU and the OS support it. Everything they define lives
-// in an anonymous namespace except the entry points declared here, so that no inline function
-// or template instantiated with AVX-512 code can be merged by the linker with a portable copy
-// of the same symbol (an ODR trap that would make the scalar path execute AVX-512 code).
+// entered after active_isa() said the CPU and the OS support it. Everything they define, and
+// every inline helper here, has internal linkage except the entry points declared here, so
+// that no inline function or template instantiated with AVX-512 code can be merged by the
+// linker with a portable copy of the same symbol (which would make the scalar path execute
+// AVX-512 instructions on CPUs without them).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -41,6 +42,11 @@ struct AlignedFree {
   void operator()(void* ptr) const noexcept;
 };
 void* aligned_alloc_bytes(size_t bytes);  // never returns null (throws std::bad_alloc)
+
+// Everything below is inline and used by both the portable and the AVX-512 translation units:
+// internal linkage, so that each TU keeps the copy compiled with its own flags (with external
+// linkage the linker would keep one of them, possibly an AVX-512 one, for every caller).
+namespace {
 
 template <class T>
 using AlignedArray = std::unique_ptr<T[], AlignedFree>;
@@ -189,6 +195,35 @@ struct RelPosGeometry {
       pj += run;
     }
   }
+
+  // The adjoint of expand_row: reversed[T - 1 - idx(i, j)] += src[j - j0] for j in [j0, j1),
+  // i.e. gradients accumulated in the reversed layout (cls entries included: they sit at the
+  // reversed positions 0 = cls->cls, 1 = token->cls, 2 = cls->token). Sums run in ascending j.
+  void accumulate_row(float* reversed, int64_t i, int64_t j0, int64_t j1, const float* src) const {
+    const int64_t T = table_size;
+    int64_t j = j0;
+    if (i < num_prefix) {
+      for (; j < j1 && j < num_prefix; ++j) reversed[0] += src[j - j0];
+      for (; j < j1; ++j) reversed[2] += src[j - j0];
+      return;
+    }
+    for (; j < j1 && j < num_prefix; ++j) reversed[1] += src[j - j0];
+    if (j >= j1) return;
+    const int64_t pi = i - num_prefix;
+    const int64_t yi = pi / ww, xi = pi % ww;
+    const int64_t base = T - 1 - ((yi + wh - 1) * (2 * ww - 1) + xi + ww - 1);
+    int64_t pj = j - num_prefix;
+    while (j < j1) {
+      const int64_t yj = pj / ww, xj = pj % ww;
+      const int64_t run = std::min<int64_t>(ww - xj, j1 - j);
+      float* dst = reversed + base + yj * (2 * ww - 1) + xj;
+      const float* s = src + (j - j0);
+      for (int64_t t = 0; t < run; ++t) dst[t] += s[t];
+      j += run;
+      pj += run;
+    }
+  }
 };
 
+}  // namespace
 }  // namespace binformer::cpu::detail
