@@ -251,6 +251,58 @@ struct PassAScratch {
   GradRows rows[kChunkTiles];
 };
 
+// Runs fn(std::integral_constant<int, n>) for n = 1..4: register blocks of n channel vectors
+// whose accumulators stay in registers (a run-time count would put them on the stack).
+template <class Fn>
+inline void with_vec_count(int n, Fn&& fn) {
+  switch (n) {
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    default: fn(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// dV of keys [k0, k0 + 4) x channels [c0, c0 + 16 kVecs) += sum over the step's rows of P dO.
+template <int kVecs>
+void pass_a_dv_block(PassAScratch& s, int tiles, int k0, int c0, int dv_pad) {
+  __m512 acc[4][kVecs];
+  for (int kk = 0; kk < 4; ++kk)
+    for (int k = 0; k < kVecs; ++k) acc[kk][k] = _mm512_load_ps(s.dv_acc.get() + (k0 + kk) * dv_pad + c0 + 16 * k);
+  for (int t = 0; t < tiles; ++t)
+    for (int r = 0; r < s.rows[t].real_rows; ++r) {
+      const float* go = s.rows[t].dout[r] + c0;
+      __m512 g[kVecs];
+      for (int k = 0; k < kVecs; ++k) g[k] = _mm512_load_ps(go + 16 * k);
+      for (int kk = 0; kk < 4; ++kk) {
+        const __m512 pr = _mm512_set1_ps(s.grads[t].p[r][k0 + kk]);
+        for (int k = 0; k < kVecs; ++k) acc[kk][k] = _mm512_fmadd_ps(pr, g[k], acc[kk][k]);
+      }
+    }
+  for (int kk = 0; kk < 4; ++kk)
+    for (int k = 0; k < kVecs; ++k) _mm512_store_ps(s.dv_acc.get() + (k0 + kk) * dv_pad + c0 + 16 * k, acc[kk][k]);
+}
+
+// T of keys [k0, k0 + 4) x channels [c0, c0 + 16 kVecs) += u = dS a_i where q_i's bit is set.
+template <int kVecs>
+void pass_a_sign_block(PassAScratch& s, int tiles, int k0, int c0, int d_pad) {
+  __m512 acc[4][kVecs];
+  for (int kk = 0; kk < 4; ++kk)
+    for (int k = 0; k < kVecs; ++k) acc[kk][k] = _mm512_load_ps(s.sign_acc.get() + (k0 + kk) * d_pad + c0 + 16 * k);
+  for (int t = 0; t < tiles; ++t)
+    for (int r = 0; r < s.rows[t].real_rows; ++r) {
+      const uint16_t* bits16 = reinterpret_cast<const uint16_t*>(s.rows[t].score.q[r]) + c0 / 16;
+      __mmask16 m[kVecs];
+      for (int k = 0; k < kVecs; ++k) m[k] = __mmask16(bits16[k]);
+      for (int kk = 0; kk < 4; ++kk) {
+        const __m512 uu = _mm512_set1_ps(s.grads[t].ds[r][k0 + kk]);
+        for (int k = 0; k < kVecs; ++k) acc[kk][k] = _mm512_mask_add_ps(acc[kk][k], m[k], acc[kk][k], uu);
+      }
+    }
+  for (int kk = 0; kk < 4; ++kk)
+    for (int k = 0; k < kVecs; ++k) _mm512_store_ps(s.sign_acc.get() + (k0 + kk) * d_pad + c0 + 16 * k, acc[kk][k]);
+}
+
 template <bool kBias, bool kKeyFactor>
 void pass_a_task(const BwdPlan& plan, PassAScratch& s, int64_t bh, int64_t j0) {
   const AttentionBwdParams& p = plan.p;
@@ -285,50 +337,19 @@ void pass_a_task(const BwdPlan& plan, PassAScratch& s, int64_t bh, int64_t j0) {
       }
     }
     // dV_j += sum_i P_ij dO_i: 4 keys x 64 channels per register block.
-    if (want_dv) {
-      for (int k0 = 0; k0 < keys; k0 += 4) {
-        for (int c0 = 0; c0 < dv_pad; c0 += kChanChunk) {
-          const int vecs = std::min(kChanChunk, dv_pad - c0) / 16;
-          __m512 acc[4][4];
-          for (int kk = 0; kk < 4; ++kk)
-            for (int k = 0; k < vecs; ++k) acc[kk][k] = _mm512_load_ps(s.dv_acc.get() + (k0 + kk) * dv_pad + c0 + 16 * k);
-          for (int t = 0; t < tiles; ++t)
-            for (int r = 0; r < s.rows[t].real_rows; ++r) {
-              const float* go = s.rows[t].dout[r] + c0;
-              __m512 g[4];
-              for (int k = 0; k < vecs; ++k) g[k] = _mm512_load_ps(go + 16 * k);
-              for (int kk = 0; kk < 4; ++kk) {
-                const __m512 pr = _mm512_set1_ps(s.grads[t].p[r][k0 + kk]);
-                for (int k = 0; k < vecs; ++k) acc[kk][k] = _mm512_fmadd_ps(pr, g[k], acc[kk][k]);
-              }
-            }
-          for (int kk = 0; kk < 4; ++kk)
-            for (int k = 0; k < vecs; ++k) _mm512_store_ps(s.dv_acc.get() + (k0 + kk) * dv_pad + c0 + 16 * k, acc[kk][k]);
-        }
-      }
-    }
+    if (want_dv)
+      for (int k0 = 0; k0 < keys; k0 += 4)
+        for (int c0 = 0; c0 < dv_pad; c0 += kChanChunk)
+          with_vec_count(std::min(kChanChunk, dv_pad - c0) / 16, [&](auto vecs) {
+            pass_a_dv_block<decltype(vecs)::value>(s, tiles, k0, c0, dv_pad);
+          });
     // T_j[c] += dS_ij a_i where bit c of q_i is 1.
-    if (want_sign) {
-      for (int k0 = 0; k0 < keys; k0 += 4) {
-        for (int c0 = 0; c0 < d_pad; c0 += kChanChunk) {
-          const int vecs = std::min(kChanChunk, d_pad - c0) / 16;
-          __m512 acc[4][4];
-          for (int kk = 0; kk < 4; ++kk)
-            for (int k = 0; k < vecs; ++k) acc[kk][k] = _mm512_load_ps(s.sign_acc.get() + (k0 + kk) * d_pad + c0 + 16 * k);
-          for (int t = 0; t < tiles; ++t)
-            for (int r = 0; r < s.rows[t].real_rows; ++r) {
-              const uint16_t* bits16 = reinterpret_cast<const uint16_t*>(s.rows[t].score.q[r]) + c0 / 16;
-              for (int kk = 0; kk < 4; ++kk) {
-                const __m512 uu = _mm512_set1_ps(s.grads[t].ds[r][k0 + kk]);
-                for (int k = 0; k < vecs; ++k)
-                  acc[kk][k] = _mm512_mask_add_ps(acc[kk][k], __mmask16(bits16[k]), acc[kk][k], uu);
-              }
-            }
-          for (int kk = 0; kk < 4; ++kk)
-            for (int k = 0; k < vecs; ++k) _mm512_store_ps(s.sign_acc.get() + (k0 + kk) * d_pad + c0 + 16 * k, acc[kk][k]);
-        }
-      }
-    }
+    if (want_sign)
+      for (int k0 = 0; k0 < keys; k0 += 4)
+        for (int c0 = 0; c0 < d_pad; c0 += kChanChunk)
+          with_vec_count(std::min(kChanChunk, d_pad - c0) / 16, [&](auto vecs) {
+            pass_a_sign_block<decltype(vecs)::value>(s, tiles, k0, c0, d_pad);
+          });
   }
 
   // Write the keys of this block.
@@ -362,6 +383,25 @@ struct PassBScratch {
   TileGrads grads;
   GradRows rows;
 };
+
+// T of the tile rows x channels [c0, c0 + 16 kVecs) += u = dS b_j where k_j's bit is set.
+template <int kVecs>
+void pass_b_sign_block(PassBScratch& s, const BwdHead& head, int64_t j0, int keys, int c0, int d_pad) {
+  __m512 acc[kTileRows][kVecs];
+  for (int r = 0; r < kTileRows; ++r)
+    for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_load_ps(s.sign_acc.get() + r * d_pad + c0 + 16 * k);
+  for (int t = 0; t < keys; ++t) {
+    const uint16_t* bits16 = reinterpret_cast<const uint16_t*>(head.k_bits + (j0 + t) * head.k_row_stride) + c0 / 16;
+    __mmask16 m[kVecs];
+    for (int k = 0; k < kVecs; ++k) m[k] = __mmask16(bits16[k]);
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512 uu = _mm512_set1_ps(s.grads.ds[r][t]);
+      for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_mask_add_ps(acc[r][k], m[k], acc[r][k], uu);
+    }
+  }
+  for (int r = 0; r < kTileRows; ++r)
+    for (int k = 0; k < kVecs; ++k) _mm512_store_ps(s.sign_acc.get() + r * d_pad + c0 + 16 * k, acc[r][k]);
+}
 
 template <bool kBias, bool kKeyFactor>
 void pass_b_task(const BwdPlan& plan, PassBScratch& s, int64_t bh, int64_t i_begin, int64_t i_end, float* rel_partial) {
@@ -409,23 +449,10 @@ void pass_b_task(const BwdPlan& plan, PassBScratch& s, int64_t bh, int64_t i_beg
             _mm512_store_ps(&g.ds[r][16 * v], _mm512_mul_ps(_mm512_load_ps(&g.ds[r][16 * v]), col));
           }
         // T_i[c] += dS_ij b_j where bit c of k_j is 1: 4 rows x 64 channels per register block.
-        for (int c0 = 0; c0 < d_pad; c0 += kChanChunk) {
-          const int vecs = std::min(kChanChunk, d_pad - c0) / 16;
-          __m512 acc[kTileRows][4];
-          for (int r = 0; r < kTileRows; ++r)
-            for (int k = 0; k < vecs; ++k) acc[r][k] = _mm512_load_ps(s.sign_acc.get() + r * d_pad + c0 + 16 * k);
-          for (int t = 0; t < keys; ++t) {
-            const uint16_t* bits16 = reinterpret_cast<const uint16_t*>(head.k_bits + (j0 + t) * head.k_row_stride) + c0 / 16;
-            __mmask16 m[4];
-            for (int k = 0; k < vecs; ++k) m[k] = __mmask16(bits16[k]);
-            for (int r = 0; r < kTileRows; ++r) {
-              const __m512 uu = _mm512_set1_ps(g.ds[r][t]);
-              for (int k = 0; k < vecs; ++k) acc[r][k] = _mm512_mask_add_ps(acc[r][k], m[k], acc[r][k], uu);
-            }
-          }
-          for (int r = 0; r < kTileRows; ++r)
-            for (int k = 0; k < vecs; ++k) _mm512_store_ps(s.sign_acc.get() + r * d_pad + c0 + 16 * k, acc[r][k]);
-        }
+        for (int c0 = 0; c0 < d_pad; c0 += kChanChunk)
+          with_vec_count(std::min(kChanChunk, d_pad - c0) / 16, [&](auto vecs) {
+            pass_b_sign_block<decltype(vecs)::value>(s, head, j0, keys, c0, d_pad);
+          });
       }
     }
     // Rows of this tile: dq_scale, dq_sign; dbias is 0 past the causal key range.

@@ -98,5 +98,57 @@ TEST(DISABLED_Bench, AttentionForward) {
   install_serial_parallel_for();
 }
 
+// Backward: every output wanted except dbias (N x N), with rel-pos and per-token scales.
+TEST(DISABLED_Bench, AttentionBackward) {
+  const int threads = int(env_int("BENCH_THREADS", 2));
+  const int reps = int(env_int("BENCH_REPS", 3));
+  install_equal_chunks(threads);
+  CaseSpec s;
+  s.B = env_int("BENCH_B", 1);
+  s.H = env_int("BENCH_H", 4);
+  s.Nq = s.Nk = env_int("BENCH_N", 4096);
+  s.d = int(env_int("BENCH_D", 64));
+  s.dv = int(env_int("BENCH_DV", 64));
+  s.q_dtype = s.k_dtype = DType::kBits;
+  s.q_scale = s.k_scale = ScaleMode::kPerToken;
+  const AttentionCase t = make_case(s);
+  // out / lse from our own forward (the backward only needs them consistent).
+  std::vector<float> out(size_t(s.B * s.H * s.Nq * s.dv)), lse(size_t(s.B * s.H * s.Nq)), dout(out.size(), 0.01f);
+  binformer::cpu::attention_fwd(fwd_params(t, out.data(), lse.data()));
+  binformer::AttentionBwdParams p{};
+  p.B = s.B; p.H = s.H; p.Nq = s.Nq; p.Nk = s.Nk; p.head_dim = s.d; p.v_dim = s.dv;
+  p.q_bits = reinterpret_cast<const uint32_t*>(t.q_bits.data());
+  p.k_bits = reinterpret_cast<const uint32_t*>(t.k_bits.data());
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = t.q_bits.strides[i]; p.k_stride[i] = t.k_bits.strides[i]; p.v_stride[i] = t.v.strides[i];
+    p.q_scale_stride[i] = t.q_scale_stride[i]; p.k_scale_stride[i] = t.k_scale_stride[i];
+  }
+  p.out_stride[0] = p.dout_stride[0] = s.H * s.Nq * s.dv;
+  p.out_stride[1] = p.dout_stride[1] = s.Nq * s.dv;
+  p.out_stride[2] = p.dout_stride[2] = s.dv;
+  p.v = t.v.data(); p.v_dtype = DType::kFloat32; p.out = out.data(); p.dout = dout.data(); p.lse = lse.data();
+  p.q_scale = t.q_scale.data(); p.k_scale = t.k_scale.data();
+  p.scale = t.scale;
+  const size_t BH = size_t(s.B * s.H);
+  std::vector<float> dv(BH * s.Nk * s.dv), dqs(BH * s.Nq), dks(BH * s.Nk), dqg(BH * s.Nq * s.d), dkg(BH * s.Nk * s.d);
+  p.dv = dv.data(); p.dq_scale = dqs.data(); p.dk_scale = dks.data(); p.dq_sign = dqg.data(); p.dk_sign = dkg.data();
+  binformer::cpu::attention_bwd(p);
+  Timing best{1e30, 1e30};
+  for (int r = 0; r < reps; ++r) {
+    const double c0 = cpu_seconds();
+    const auto t0 = std::chrono::steady_clock::now();
+    binformer::cpu::attention_bwd(p);
+    const auto t1 = std::chrono::steady_clock::now();
+    best.cpu = std::min(best.cpu, cpu_seconds() - c0);
+    best.wall = std::min(best.wall, std::chrono::duration<double>(t1 - t0).count());
+  }
+  const double elems = double(s.B) * s.H * s.Nq * s.Nk;
+  std::printf("backward B=%lld H=%lld N=%lld d=%d Dv=%d threads=%d (dv, dq/dk scale and sign)\n", (long long)s.B,
+              (long long)s.H, (long long)s.Nq, s.d, s.dv, threads);
+  std::printf("  %8.2f ms wall %6.2f G/s   | %8.2f ms cpu %6.2f G/s per core\n", best.wall * 1e3, elems / best.wall * 1e-9,
+              best.cpu * 1e3, elems / best.cpu * 1e-9);
+  install_serial_parallel_for();
+}
+
 }  // namespace
 }  // namespace bt
