@@ -22,9 +22,18 @@
 // No float atomics anywhere: every sum has one owner thread and a fixed order, so results are
 // bitwise reproducible run to run.
 #pragma once
+#if defined(BINFORMER_BWD_HOST_EMULATION)
+// The kernels compiled as plain C++ for the host emulator in tests/cuda/emulation, which provides
+// the CUDA built-ins, the fp16 / bf16 types and the warp collectives.
+#include "bwd_emulation.h"
+#define BINFORMER_BWD_DYNAMIC_SMEM(type, name) \
+  type* name = reinterpret_cast<type*>(::bwd_emulation::dynamic_smem())
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define BINFORMER_BWD_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 #include <cstdint>
 
@@ -38,6 +47,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 // kernel follow the block size of the path that ran (BwdArgs::key_block).
 constexpr int kKeyBlockTc = 128;
 constexpr int kKeyBlockSimt = 32;
+
+// Query-tile width of the tensor-core main pass for head dims (max of d and Dv) up to `hdim`: as
+// wide as the registers allow (the pass holds dV, 16 x hdim fp32 per warp). The CUDA-core main
+// pass uses 32. The finalize kernel needs it for the causal rule (first_query_tile).
+__host__ __device__ constexpr int tc_main_cols(int hdim) { return hdim <= 64 ? 64 : hdim <= 128 ? 32 : 16; }
 
 // Everything the kernels read, flattened once on the host.
 struct BwdArgs {
@@ -76,9 +90,13 @@ struct BwdArgs {
 
 // ---------------------------------------------------------------- small device helpers
 __device__ __forceinline__ float ex2_approx(float x) {
+#if defined(BINFORMER_BWD_HOST_EMULATION)
+  return exp2f(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // int -> float for 0 <= x < 2^23 without the I2F unit (it runs at the MUFU rate).

@@ -26,70 +26,9 @@
 #include <type_traits>
 
 #include "bwd_common.cuh"
+#include "bwd_ptx.cuh"
 
 namespace binformer::cuda::bwd::tc {
-
-// ---------------------------------------------------------------- PTX wrappers
-__device__ __forceinline__ void mma_b1_and_popc(int (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                uint32_t b1) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800) && (__CUDA_ARCH__ <= 900)
-  asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();  // b1 mma.sync exists on sm_80 .. sm_90 only
-#endif
-}
-
-template <class T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                  uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// cp.async with zero fill: when `valid` is false nothing is read and the destination is zeroed.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -127,8 +66,7 @@ struct Traits {
   static constexpr int kRows = 16 * kWarps;
   static_assert(!kMainPass || kRows == kKeyBlockTc, "main-pass key blocks fix the partial layout");
   // Column-tile width: as wide as the registers allow (the main pass holds dV, 16 x kHdim per warp).
-  static constexpr int kCols = kMainPass ? (kHdim <= 64 ? 64 : kHdim <= 128 ? 32 : 16)
-                                         : (kHdim <= 128 ? 64 : 32);
+  static constexpr int kCols = kMainPass ? tc_main_cols(kHdim) : (kHdim <= 128 ? 64 : 32);
   static constexpr int kStride = kHdim + 8;  // smem row stride of X / Y in T (16-byte skew)
   static constexpr bool kCacheX = kHdim <= 64;  // row-side mma fragments kept in registers
   static constexpr int kColTiles = kCols / 8;
@@ -163,7 +101,7 @@ template <class T, int kHdim, bool kKeyMajor, bool kMainPass>
 __global__ void __launch_bounds__(Traits<T, kHdim, kKeyMajor, kMainPass>::kThreads)
 attention_bwd_tc_kernel(const BwdArgs a) {
   using Tr = Traits<T, kHdim, kKeyMajor, kMainPass>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem);
   T* x_smem = reinterpret_cast<T*>(smem);
   T* y_smem = reinterpret_cast<T*>(smem + Tr::kOffY);
   uint32_t* bits_smem = reinterpret_cast<uint32_t*>(smem + Tr::kOffBits);
@@ -552,7 +490,12 @@ attention_bwd_tc_kernel(const BwdArgs a) {
   }
 }
 
+}  // namespace binformer::cuda::bwd::tc
+
 // ---------------------------------------------------------------- host side
+#if !defined(BINFORMER_BWD_HOST_EMULATION)
+namespace binformer::cuda::bwd::tc {
+
 template <class T, int kHdim, bool kKeyMajor, bool kMainPass>
 cudaError_t launch_pass(const BwdArgs& a, cudaStream_t stream) {
   using Tr = Traits<T, kHdim, kKeyMajor, kMainPass>;
@@ -592,3 +535,4 @@ cudaError_t run_attention_bwd_tc(const BwdArgs& a, cudaStream_t stream) {
   template cudaError_t run_attention_bwd_tc<T, HDIM>(const BwdArgs&, cudaStream_t);
 
 }  // namespace binformer::cuda::bwd
+#endif  // !BINFORMER_BWD_HOST_EMULATION

@@ -1,0 +1,257 @@
+// Host emulation of the CUDA features the attention_bwd kernels use, so that the kernel source
+// itself (cuda/src/attention_bwd/*.cuh, compiled with -DBINFORMER_BWD_HOST_EMULATION) runs on the
+// CPU: one std::thread per CUDA thread, CTAs one after another, __syncthreads and the warp
+// collectives as std::barrier phases. Warp-level tensor-core instructions (mma.sync b1 / f16 /
+// bf16, ldmatrix) are implemented from the fragment layouts of the PTX ISA, written here
+// independently of the kernels, so a wrong lane/register/address mapping in a kernel shows up as a
+// wrong result against the float64 reference. A collective reached by only part of a warp
+// deadlocks here, as it is undefined behaviour on the GPU.
+//
+// Not part of any build; see emulate_attention_bwd.cpp for the command line.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "host_float_bits.h"
+
+// ---------------------------------------------------------------- qualifiers and types
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint3 { unsigned x = 0, y = 0, z = 0; };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorNotSupported = 801,
+};
+typedef struct CUstream_st* cudaStream_t;
+
+struct __half { uint16_t x; };
+struct __nv_bfloat16 { uint16_t x; };
+struct __half2 { __half lo, hi; };
+struct __nv_bfloat162 { __nv_bfloat16 lo, hi; };
+inline float __half2float(__half h) { return float(binformer::test::half_bits_to_double(h.x)); }
+inline float __bfloat162float(__nv_bfloat16 b) { return float(binformer::test::bf16_bits_to_double(b.x)); }
+inline __half2 __floats2half2_rn(float lo, float hi) {
+  return {{binformer::test::float_to_half_bits(lo)}, {binformer::test::float_to_half_bits(hi)}};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {{binformer::test::float_to_bf16_bits(lo)}, {binformer::test::float_to_bf16_bits(hi)}};
+}
+
+// ---------------------------------------------------------------- built-in functions
+inline int __popc(uint32_t x) { return __builtin_popcount(x); }
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+template <class T>
+inline T min(T a, T b) { return a < b ? a : b; }
+template <class T>
+inline T max(T a, T b) { return a < b ? b : a; }
+inline void __trap() { std::abort(); }
+
+namespace bwd_emulation {
+
+struct Cta {
+  Cta(unsigned threads, size_t smem_bytes)
+      : threads(threads), barrier(std::make_unique<std::barrier<>>(threads)), smem(smem_bytes + 16, 0xA5),
+        slots(threads), addrs(threads) {
+    for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  unsigned threads;
+  std::unique_ptr<std::barrier<>> barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<unsigned char> smem;  // poisoned: kernels must not read what they did not write
+  std::vector<std::array<uint32_t, 8>> slots;  // per-thread registers for warp collectives
+  std::vector<const void*> addrs;              // per-thread ldmatrix addresses
+};
+
+inline thread_local Cta* tl_cta = nullptr;
+inline thread_local uint3 tl_thread, tl_block, tl_block_dim, tl_grid_dim;
+
+inline unsigned char* dynamic_smem() {
+  // 16-byte alignment like __align__(16) extern shared memory.
+  const uintptr_t base = reinterpret_cast<uintptr_t>(tl_cta->smem.data());
+  return reinterpret_cast<unsigned char*>((base + 15) & ~uintptr_t(15));
+}
+inline unsigned tid() { return tl_thread.x; }
+inline unsigned lane() { return tl_thread.x & 31; }
+inline unsigned warp_base() { return tl_thread.x & ~31u; }
+inline void warp_sync() { tl_cta->warp_barriers[tl_thread.x / 32]->arrive_and_wait(); }
+inline std::array<uint32_t, 8>& slot(unsigned t) { return tl_cta->slots[t]; }
+
+// Runs kernel(args...) for every block of a 1-D grid, one CTA at a time.
+template <class Kernel, class... Args>
+void launch(Kernel kernel, unsigned grid, unsigned block, size_t smem_bytes, const Args&... args) {
+  for (unsigned bx = 0; bx < grid; ++bx) {
+    Cta cta(block, smem_bytes);
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([&, t] {
+        tl_cta = &cta;
+        tl_thread = {t, 0, 0};
+        tl_block = {bx, 0, 0};
+        tl_block_dim = {block, 1, 1};
+        tl_grid_dim = {grid, 1, 1};
+        kernel(args...);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+}  // namespace bwd_emulation
+
+#define threadIdx (::bwd_emulation::tl_thread)
+#define blockIdx (::bwd_emulation::tl_block)
+#define blockDim (::bwd_emulation::tl_block_dim)
+#define gridDim (::bwd_emulation::tl_grid_dim)
+
+inline void __syncthreads() { bwd_emulation::tl_cta->barrier->arrive_and_wait(); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  using namespace bwd_emulation;
+  if (mask != 0xffffffffu) std::abort();  // the kernels only use full-warp shuffles
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  slot(tid())[0] = bits;
+  warp_sync();
+  const uint32_t other = slot(warp_base() + (lane() ^ unsigned(lane_mask)))[0];
+  warp_sync();
+  T r;
+  std::memcpy(&r, &other, 4);
+  return r;
+}
+
+// ---------------------------------------------------------------- tensor-core instructions
+// PTX ISA fragment layouts (groupID g = lane / 4, threadID_in_group t = lane % 4):
+//  m16n8k16 .f16/.bf16  A: a0 (row g, k 2t..2t+1), a1 (row g+8, same k), a2 (row g, k 2t+8..2t+9),
+//                           a3 (row g+8, k 2t+8..); the lower k in the lower 16 bits.
+//                        B: b0 (k 2t..2t+1, col g), b1 (k 2t+8..2t+9, col g).
+//                        C/D: c0 (row g, col 2t), c1 (row g, col 2t+1), c2 (row g+8, col 2t), c3.
+//  m16n8k256 .b1         A: a0 (row g, k 32t..32t+31), a1 (row g+8, same k), a2 (row g,
+//                           k 128+32t..), a3 (row g+8, k 128+32t..); B: b0 (k 32t.., col g),
+//                           b1 (k 128+32t.., col g); C/D as above.
+//  ldmatrix .x4          matrix m (0..3) has its 8 row addresses from lanes 8m..8m+7; thread (g, t)
+//                        receives r[m] = (row g, cols 2t, 2t+1); with .trans (row 2t, col g) and
+//                        (row 2t+1, col g).
+namespace binformer::cuda::bwd::tc {
+
+template <class T>
+inline double half_value(uint32_t bits16) {
+  if constexpr (std::is_same<T, __half>::value) return binformer::test::half_bits_to_double(uint16_t(bits16));
+  else return binformer::test::bf16_bits_to_double(uint16_t(bits16));
+}
+
+inline void mma_b1_and_popc(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  using namespace bwd_emulation;
+  auto& s = slot(tid());
+  s[0] = a[0]; s[1] = a[1]; s[2] = a[2]; s[3] = a[3]; s[4] = b0; s[5] = b1;
+  warp_sync();
+  const unsigned g = lane() / 4, t = lane() % 4, base = warp_base();
+  int out[4];
+  for (int e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    int count = 0;
+    for (unsigned w = 0; w < 8; ++w) {  // 32-bit word w of k: k = 32 w ..
+      const uint32_t aw = slot(base + (row % 8) * 4 + (w % 4))[(row >= 8 ? 1 : 0) + 2 * (w / 4)];
+      const uint32_t bw = slot(base + col * 4 + (w % 4))[4 + w / 4];
+      count += __builtin_popcount(aw & bw);
+    }
+    out[e] = count;
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) c[e] += out[e];
+}
+
+template <class T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  using namespace bwd_emulation;
+  auto& s = slot(tid());
+  s[0] = a[0]; s[1] = a[1]; s[2] = a[2]; s[3] = a[3]; s[4] = b0; s[5] = b1;
+  warp_sync();
+  const unsigned g = lane() / 4, t = lane() % 4, base = warp_base();
+  auto A = [&](unsigned row, unsigned k) {
+    const uint32_t r = slot(base + (row % 8) * 4 + (k % 8) / 2)[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    return half_value<T>(k % 2 ? r >> 16 : r & 0xffffu);
+  };
+  auto B = [&](unsigned k, unsigned col) {
+    const uint32_t r = slot(base + col * 4 + (k % 8) / 2)[4 + (k >= 8 ? 1 : 0)];
+    return half_value<T>(k % 2 ? r >> 16 : r & 0xffffu);
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    double sum = 0;  // products of 16-bit inputs are exact; fp32-like accumulation below
+    for (unsigned k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+    out[e] = float(double(c[e]) + sum);
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+
+inline uint16_t load16(const void* row_address, unsigned col) {
+  uint16_t v;
+  std::memcpy(&v, static_cast<const unsigned char*>(row_address) + 2 * col, 2);
+  return v;
+}
+
+inline void ldmatrix_x4_impl(uint32_t (&r)[4], const void* p, bool trans) {
+  using namespace bwd_emulation;
+  tl_cta->addrs[tid()] = p;
+  warp_sync();
+  const unsigned g = lane() / 4, t = lane() % 4, base = warp_base();
+  uint32_t out[4];
+  for (unsigned m = 0; m < 4; ++m) {
+    const void* const* rows = &tl_cta->addrs[base + 8 * m];
+    if (!trans) {
+      out[m] = uint32_t(load16(rows[g], 2 * t)) | (uint32_t(load16(rows[g], 2 * t + 1)) << 16);
+    } else {
+      out[m] = uint32_t(load16(rows[2 * t], g)) | (uint32_t(load16(rows[2 * t + 1], g)) << 16);
+    }
+  }
+  warp_sync();
+  for (int m = 0; m < 4; ++m) r[m] = out[m];
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix_x4_impl(r, p, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ldmatrix_x4_impl(r, p, true); }
+
+// cp.async completes immediately here; the kernels' wait/commit points become no-ops.
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  if (valid) std::memcpy(smem, gmem, 16);
+  else std::memset(smem, 0, 16);
+}
+inline void cp_async_4(void* smem, const void* gmem, bool valid) {
+  if (valid) std::memcpy(smem, gmem, 4);
+  else std::memset(smem, 0, 4);
+}
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {}
+
+}  // namespace binformer::cuda::bwd::tc
