@@ -22,7 +22,13 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loads the compiled library, which registers torch.ops.binformer)
+try:
+    from . import _C  # noqa: F401  (loads the compiled library, which registers torch.ops.binformer)
+except ImportError as e:
+    raise ImportError(
+        "binformer's compiled ops (binformer._C) could not be loaded; build and install them with "
+        "`pip install --no-build-isolation .` from the repository root (against the installed torch)"
+    ) from e
 from ._validation import (
     BITS_DTYPE,
     FLOAT_DTYPES,

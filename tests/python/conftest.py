@@ -20,8 +20,8 @@ Error model of attention (per query row i, output channel c):
 * Both are relative to the magnitude ``M_ic = sum_j P_ij |v_jc|`` (what the sum adds up), not to
   |out|, because out can cancel to ~0.
 * If P is rounded to v's dtype for the P.V product (tensor cores; CPU BF16 dot products), each
-  term gains a relative error u_v: ``+ u_v M_ic``. CUDA with fp32 V may run P.V in tf32 (P and V
-  rounded to 10-bit mantissas): ``+ 2 * 2^-11 M_ic``. On CPU fp32 V keeps fp32 P.
+  term gains a relative error u_v: ``+ u_v M_ic``. CUDA with fp32 V runs P.V as 3xTF32 (about
+  2^-22 relative per product): ``+ 2^-20 M_ic``. On CPU fp32 V keeps fp32 P.
 * The result is rounded once to out's dtype: ``+ u_out |out_ic|`` (plus half the subnormal
   spacing of that dtype, for results below its normal range; the same for gradients).
 * pv_int8 (both quantizers, see attention_tolerances): each quantized probability differs from
@@ -306,7 +306,10 @@ def pv_operand_unit(device: str, v_dtype: torch.dtype) -> float:
     """Relative rounding of the P.V operands (see the module docstring)."""
     if v_dtype != torch.float32:
         return UNIT_ROUNDOFF[v_dtype]
-    return 2 * 2.0**-11 if device == "cuda" else 0.0
+    # CUDA runs fp32 P.V as 3xTF32 (P and V split into tf32 big + small parts, the small*small
+    # product dropped): ~2^-22 relative per product; 2^-20 leaves a factor 4 for the splits'
+    # own roundings. The CPU keeps fp32 P and V.
+    return 2.0**-20 if device.startswith("cuda") else 0.0
 
 
 def _fp32_row_eps(s: torch.Tensor, n_sum: int) -> torch.Tensor:

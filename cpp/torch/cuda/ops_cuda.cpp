@@ -21,6 +21,26 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
 }
 
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "fp32";
+    case DType::kFloat16: return "fp16";
+    case DType::kBFloat16: return "bf16";
+    case DType::kBits: return "bits";
+    case DType::kInt8: return "int8";
+  }
+  return "?";
+}
+
+// Attention errors also say which problem failed (e.g. a configuration the kernels do not
+// support answers cudaErrorNotSupported).
+template <class Params>
+void check_attention_launch(cudaError_t err, const char* op, const Params& p) {
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err), " for B=", p.B, " H=", p.H, " Nq=", p.Nq,
+              " Nk=", p.Nk, " head_dim=", p.head_dim, " Dv=", p.v_dim, " v ", dtype_name(p.v_dtype),
+              p.bias ? " with bias" : "", p.rel_pos_table ? " with rel_pos_table" : "", p.causal ? " causal" : "");
+}
+
 // Scratch memory of `bytes` on the tensor's device. The caching allocator ties the block to
 // the current stream, so freeing it when the call returns is safe with the kernel in flight.
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
@@ -55,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const size_t bytes = cuda::attention_fwd_workspace_bytes(c.params);
     const at::Tensor ws = bytes > 0 ? workspace(bytes, q) : at::Tensor();
     c.params.workspace = bytes > 0 ? ws.data_ptr() : nullptr;
-    check_launch(cuda::attention_fwd(c.params, c10::cuda::getCurrentCUDAStream()), "binformer::attention_fwd");
+    check_attention_launch(cuda::attention_fwd(c.params, c10::cuda::getCurrentCUDAStream()), "binformer::attention_fwd",
+                           c.params);
   }
   return {c.out, c.lse};
 }
@@ -74,7 +95,8 @@ BwdGrads attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q_bits, co
     const size_t bytes = cuda::attention_bwd_workspace_bytes(c.params);
     const at::Tensor ws = bytes > 0 ? workspace(bytes, v) : at::Tensor();
     c.params.workspace = bytes > 0 ? ws.data_ptr() : nullptr;
-    check_launch(cuda::attention_bwd(c.params, c10::cuda::getCurrentCUDAStream()), "binformer::attention_bwd");
+    check_attention_launch(cuda::attention_bwd(c.params, c10::cuda::getCurrentCUDAStream()), "binformer::attention_bwd",
+                           c.params);
   }
   return c.as_tuple();
 }
