@@ -170,6 +170,13 @@ cudaError_t to_cuda_error(cutlass::Status s) {
   }
 }
 
+// Batch strides of the b1 operands. The batched kernel advances its operand pointer with plain
+// pointer arithmetic (`ElementA* ptr_A; ptr_A += batch * batch_stride_A`, gemm_universal.h), and a
+// cutlass::uint1b_t object occupies one byte, so for sub-byte operands the batch stride is counted
+// in bytes, not in elements (bits) like lda. Leading dimensions stay in bits.
+static_assert(sizeof(cutlass::uint1b_t) == 1, "batch strides below assume one-byte uint1b_t objects");
+constexpr int64_t kBatchStrideUnitsPerWord = 4;
+
 template <int kOutputAlignment>
 cudaError_t run_gemm(const GemmOperands& g, cudaStream_t stream) {
   using Gemm = SignGemm<kOutputAlignment>;
@@ -197,8 +204,8 @@ cudaError_t run_gemm(const GemmOperands& g, cudaStream_t stream) {
         reinterpret_cast<const cutlass::uint1b_t*>(g.a + b0 * g.a_batch_stride_words),
         reinterpret_cast<const cutlass::uint1b_t*>(g.b + b0 * g.b_batch_stride_words),
         nullptr, nullptr,  // C and D are the visitor's business
-        32 * g.a_batch_stride_words, 32 * g.b_batch_stride_words, 0, 0,
-        /*lda=*/K, /*ldb=*/K, /*ldc=*/0, /*ldd=*/0);
+        kBatchStrideUnitsPerWord * g.a_batch_stride_words, kBatchStrideUnitsPerWord * g.b_batch_stride_words,
+        0, 0, /*lda=*/K, /*ldb=*/K, /*ldc=*/0, /*ldd=*/0);
     Device gemm;
     cutlass::Status status = gemm.can_implement(args);
     if (status != cutlass::Status::kSuccess) return to_cuda_error(status);
