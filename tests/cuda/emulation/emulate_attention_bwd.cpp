@@ -200,6 +200,13 @@ int main(int argc, char** argv) {
     m.k_scale = ScaleMode::kPerToken;
     add(m);
   }
+  {
+    BwdCase c;  // tests/python random_case(1023): large |S| (d = 256, scale 0.5), generic bucket
+    c.B = 2; c.H = 2; c.Nq = c.Nk = 97; c.d = 256; c.dv = 24; c.scale = 0.5;
+    c.q_scale = ScaleMode::kPerHead; c.k_scale = ScaleMode::kPerHead;
+    c.dense_bias = true; c.bias_dtype = DType::kFloat16; c.bias_broadcast_batch = true;
+    add(c);
+  }
   // Optional: run only case N (argv[1]).
   int only = argc > 1 ? std::atoi(argv[1]) : -1;
   bool ok = true;
