@@ -395,8 +395,9 @@ def grad_tolerances(q, k, v, kwargs, dout, device: str) -> dict[str, torch.Tenso
         d(a_i) = sum_j dS_ij scale b_j dot_ij,  d(b_j) = sum_i dS_ij scale a_i dot_ij,
         d(sign q_i) = sum_j dS_ij scale a_i b_j sign(k_j),  dbias = dS,  dtable[idx(i,j)] += dS_ij.
 
-    D in the kernel comes from the stored out (rounded to v's dtype; quantized with pv_int8),
-    which adds |dO_i| . |O_i - O_i,exact| to every dS_ij / P_ij.
+    D in the kernel comes from the stored out (rounded to v's dtype; quantized with pv_int8, while
+    the reference's pv_int8 gradient is that of the exact P V), which adds |dO_i| . |O_i - O_i,exact|
+    to every dS_ij / P_ij.
     """
     with torch.no_grad():
         B, H, Nq = q.shape[:3]
@@ -410,8 +411,11 @@ def grad_tolerances(q, k, v, kwargs, dout, device: str) -> dict[str, torch.Tenso
         d_abs = (do.abs() * out_exact.abs()).sum(-1, keepdim=True)
         ds_tol = eps * p * (do.abs() @ v64.abs().transpose(-1, -2) + d_abs)
         if kwargs.get("pv_int8"):
-            _, _, tol_out, _ = attention_tolerances(q, k, v, kwargs, device)
-            ds_tol = ds_tol + p * (do.abs() * tol_out).sum(-1, keepdim=True)
+            # The kernel's D uses its quantized out; the reference differentiates the exact P V:
+            # |out - O_exact| <= |out - O_q,ref| + |O_q,ref - O_exact| (kernel error + quantization).
+            ref_out_q, _, tol_out, _ = attention_tolerances(q, k, v, kwargs, device)
+            out_err = tol_out + (ref_out_q - out_exact).abs()
+            ds_tol = ds_tol + p * (do.abs() * out_err).sum(-1, keepdim=True)
 
         d = kwargs.get("head_dim") or (q.shape[-1] if q.dtype != torch.int32 else k.shape[-1])
         scale = kwargs.get("scale") or 1 / math.sqrt(d)
