@@ -19,6 +19,12 @@
 //                        rounding of P that FlashAttention applies on GPUs),
 //        pv_int8:        VPDPBUSD u8 P x s8 V (4 keys per instruction), int32 per key block,
 //                        or VPMADDWD on CPUs without AVX512_VNNI.
+//
+// Non-finite V: masked keys enter P.V with P = 0, and 0 * NaN = NaN. So a NaN/inf in V reaches
+// every row attending to its key (the contract), rows that mask it with a -inf bias (as in the
+// float64 reference, which multiplies the zeros too), and, with causal masking, at most the
+// kTileRows - 1 rows just above the diagonal that share a tile with an attending row (the
+// reference sends it to every row; blocks past a tile's causal limit are skipped entirely).
 #include <vector>
 
 #include "attention_avx512.h"

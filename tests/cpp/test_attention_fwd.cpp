@@ -237,6 +237,32 @@ TEST_P(Fwd, RandomSweep) {
   }
 }
 
+// IEEE propagation (CONTRACT.md): a NaN in v[j, c] reaches channel c of every row attending to
+// key j and nothing else; a NaN bias entry (i, j) turns row i (out and lse) NaN and nothing else.
+TEST_P(Fwd, NonFiniteValuesPropagate) {
+  for (DType vd : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    CaseSpec s;
+    s.B = 1; s.H = 2; s.Nq = 21; s.Nk = 37; s.d = 64; s.dv = 32; s.v_dtype = vd; s.bias = BiasMode::kFull;
+    s.seed = 950 + int(vd);
+    AttentionCase t = make_case(s);
+    t.v.set(0, 1, 7, 3, std::numeric_limits<float>::quiet_NaN());
+    t.bias.set(0, 0, 4, 9, std::numeric_limits<float>::quiet_NaN());
+    t.bias.set(0, 0, 6, 2, -INFINITY);  // -inf only masks its key
+    IsaScope scope(GetParam());
+    const FwdResult r = run_forward(t);
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t i = 0; i < s.Nq; ++i) {
+        const bool nan_row = h == 0 && i == 4;
+        EXPECT_EQ(std::isnan(r.lse[size_t(h * s.Nq + i)]), nan_row) << dtype_name(vd) << " lse h" << h << " i" << i;
+        for (int c = 0; c < s.dv; ++c) {
+          const bool expect_nan = nan_row || (h == 1 && c == 3);
+          const double o = out_value(r, vd, size_t((h * s.Nq + i) * s.dv + c));
+          EXPECT_EQ(std::isnan(o), expect_nan) << dtype_name(vd) << " out h" << h << " i" << i << " c" << c;
+        }
+      }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Isa, Fwd, ::testing::ValuesIn(isa_names()));
 
 // The forward gives the same bits whatever the parallel_for chunking (each row is owned by one
