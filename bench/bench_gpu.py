@@ -23,6 +23,9 @@ from common import GPU_SHAPES, environment, exp_floor_s, rel_pos_layout, time_cu
 
 import binformer  # noqa: E402
 
+# Like SDPA, time the kernels without value checks (each is a device sync; see binformer.set_value_checks).
+binformer.set_value_checks(False)
+
 
 def sdpa(backend, q, k, v, mask=None):
     with sdpa_kernel([backend]):

@@ -19,6 +19,9 @@ from common import GPU_SHAPES, environment, time_cuda, write_json  # noqa: E402
 
 import binformer  # noqa: E402
 
+# Like SDPA, time the kernels without value checks (each is a device sync; see binformer.set_value_checks).
+binformer.set_value_checks(False)
+
 
 def fwd_bwd_times(fwd, inputs, dout):
     def fb():

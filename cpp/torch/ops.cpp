@@ -114,13 +114,24 @@ TORCH_LIBRARY_IMPL(binformer, CPU, m) {
 
 // `import binformer._C` loads this shared library, which runs the registrations above; the
 // module itself is empty (the ops are reached through torch.ops.binformer).
+namespace {
+// binformer._C.cpu_isa(): the instruction set the CPU kernels use now ("avx512" or "scalar").
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(binformer::cpu::isa_name(binformer::cpu::active_isa()));
+}
+PyMethodDef module_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use now."},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // name
       "binformer's compiled ops; use them through torch.ops.binformer or the binformer package",
-      -1,       // no per-module state
-      nullptr,  // no methods
+      -1,              // no per-module state
+      module_methods,  // cpu_isa()
       nullptr,  // no slots
       nullptr,  // traverse
       nullptr,  // clear

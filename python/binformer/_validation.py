@@ -87,9 +87,23 @@ def check_broadcastable(x: torch.Tensor, name: str, shape: Sequence[int], shape_
         )
 
 
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turns the value (finiteness) checks of small inputs on or off (default: on).
+
+    They read q_scale, k_scale and rel_pos_table; on a GPU that is one device synchronisation per
+    call, which matters for small problems. Shape, dtype and device checks always run.
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
 def data_checks_allowed(x: torch.Tensor) -> bool:
-    """False while torch.compile traces or a CUDA graph captures: no data-dependent checks then."""
-    if torch.compiler.is_compiling():
+    """False while torch.compile traces or a CUDA graph captures (no data-dependent checks then),
+    or when value checks are turned off with set_value_checks(False)."""
+    if not _value_checks or torch.compiler.is_compiling():
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
