@@ -32,7 +32,7 @@
 namespace binformer::cpu::detail {
 namespace {
 
-constexpr int kKeyBlock = 128;   // keys per online-softmax step (8 vectors of 16)
+constexpr int kKeyBlock = 256;   // keys per online-softmax step (16 vectors of 16)
 constexpr int kTaskRows = 64;    // query rows per parallel task
 constexpr int kDvChunk = 64;     // output channels per register block (4 zmm)
 
@@ -262,7 +262,7 @@ inline void pv_begin(PvAcc<kMode> (&acc)[kTileRows][kVecs], float* const* acc_me
 }
 
 // Stores them back; integer block sums are added as acc_mem = acc_mem * alpha + float(sum)
-// (exact integers below 2^24 per block: 128 keys x 255 x 127 < 2^22).
+// (exact integers below 2^24 per block: 256 keys x 255 x 127 < 2^23).
 template <PvMode kMode, int kVecs>
 inline void pv_end(PvAcc<kMode> (&acc)[kTileRows][kVecs], float* const* acc_mem, int c0, const float* alpha) {
   for (int r = 0; r < kTileRows; ++r)

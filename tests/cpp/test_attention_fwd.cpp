@@ -47,9 +47,9 @@ double out_value(const FwdResult& r, DType dtype, size_t index) {
 }
 
 // Checks one case; returns the largest error / tolerance ratio seen (for the report).
-double check_forward(const CaseSpec& spec, const std::string& isa) {
+double check_forward_case(const AttentionCase& t, const std::string& isa) {
   IsaScope scope(isa);
-  const AttentionCase t = make_case(spec);
+  const CaseSpec& spec = t.spec;
   const FwdReference ref = reference_forward(t);
   const FwdResult got = run_forward(t);
   const double u_out = spec.v_dtype == DType::kFloat16 ? std::ldexp(1.0, -11)
@@ -88,6 +88,8 @@ double check_forward(const CaseSpec& spec, const std::string& isa) {
   }
   return worst;
 }
+
+double check_forward(const CaseSpec& spec, const std::string& isa) { return check_forward_case(make_case(spec), isa); }
 
 class Fwd : public ::testing::TestWithParam<std::string> {
  protected:
@@ -235,6 +237,27 @@ TEST_P(Fwd, RandomSweep) {
     if (s.bias != BiasMode::kNone && pick(3) == 0) { s.masked_row_fraction = 0.2; s.neg_inf_bias_fraction = 0.3; }
     check(s);
   }
+}
+
+// Long key ranges (several online-softmax blocks of every implementation) with scores that
+// rise along the keys by up to 40 (natural log units), so that later blocks raise the running
+// maximum far beyond the lazy-reference slack (forcing the recompute and rescale paths), and
+// with scores that fall (the reference never moves after the first block).
+TEST_P(Fwd, ManyBlocksAndRescaling) {
+  uint64_t seed = 980;
+  for (double ramp : {40.0, -40.0, 6.0})
+    for (bool int8 : {false, true}) {
+      CaseSpec s;
+      s.B = 1; s.H = 1; s.Nq = 19; s.Nk = 1100; s.d = 64; s.dv = 32; s.seed = seed++;
+      s.bias = BiasMode::kFull; s.pv_int8 = int8; s.causal = seed % 2 == 0;
+      s.v_dtype = seed % 3 == 0 ? DType::kBFloat16 : DType::kFloat32;
+      AttentionCase t = make_case(s);
+      std::mt19937_64 rng(s.seed);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      for (int64_t i = 0; i < s.Nq; ++i)
+        for (int64_t j = 0; j < s.Nk; ++j) t.bias.set(0, 0, i, j, float(ramp * double(j) / double(s.Nk)) + normal(rng));
+      worst_ = std::max(worst_, check_forward_case(t, GetParam()));
+    }
 }
 
 // IEEE propagation (CONTRACT.md): a NaN in v[j, c] reaches channel c of every row attending to
