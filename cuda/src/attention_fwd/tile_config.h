@@ -10,10 +10,10 @@
 //   traffic per score element (16 elements/clk/SM at 128 B/clk), exactly the exp (MUFU) rate;
 //   two m-tiles halve it.
 // - Registers per thread ~ kMTiles*Dv/2 (O accumulator) + kMTiles*block_n/2 (scores) must stay
-//   below 255 without spills: from Dv = 128 on a warp keeps one m-tile (Dv/2 accumulator
-//   registers) and the block has 8 warps (two m-tiles at Dv = 128 spilled even with 32-key
-//   tiles). At Dv = 128 that costs ldmatrix bandwidth: 16 B of V per score element, 8 elem/clk/SM,
-//   slightly below the mma.sync rate (~9.6 elem/clk/SM at Dv = 128); see the notes.
+//   below 255 without spills: above Dv = 64 a warp keeps one m-tile (Dv/2 accumulator registers)
+//   and the block has 8 warps (two m-tiles spilled at Dv = 72..128 even with 32-key tiles). That
+//   costs ldmatrix bandwidth: Dv/8 bytes of V per score element, e.g. 9 B at Dv = 72 (14 elem/
+//   clk/SM), 16 B at Dv = 128 (8 elem/clk/SM, below the ~9.6 of mma.sync); see the notes.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -53,7 +53,7 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
   TileShape shape{4, 2, 64, st};
   if (pv == PvKind::kTF32x3) {
     if (dv_pad > 64) shape = dv_pad <= 128 ? TileShape{8, 1, 64, st} : TileShape{4, 1, 32, st};
-  } else if (dv_pad > 96) {
+  } else if (dv_pad > 64) {
     shape = TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
   }
   if (has_bias) shape.block_n = min_c(shape.block_n, 32);
