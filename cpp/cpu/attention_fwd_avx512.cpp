@@ -6,14 +6,16 @@
 // coefficient and the bias, so the exponential is a bare 2^x).
 //
 // Per key block and row tile:
-//   1. scores: XOR + VPOPCNTD over the packed words of 16 keys at a time (k bits transposed so
-//      that one load gives one word of 16 keys), dot = d - 2 popcount, times the row/column
-//      factors, plus bias; keys past Nk or above the causal diagonal become -inf;
-//   2. softmax: new row maximum, p = 2^(s - m) with a polynomial exp2, running sums;
-//   3. P.V into fp32 accumulators held in a small L1-resident buffer (rescaled by
-//      2^(m_old - m_new) when a block raises the maximum), 4 rows x 64 channels per register
-//      block. The multiply-add unit is the bottleneck (at Dv = 64 one score costs 4 zmm FMAs
-//      against about 0.7 for steps 1-2), so P.V uses the narrowest product the data allows:
+//   1. one pass of scores and exp: XOR + VPOPCNTD over the packed words of 16 keys at a time
+//      (k bits transposed so that one load gives one word of 16 keys), s - m as one FMA on the
+//      popcount, plus bias, -inf past Nk or above the causal diagonal; p = 2^(s - m) with a
+//      polynomial exp2 against a lazily kept reference maximum m (BlockSoftmax: a block is
+//      recomputed only when it exceeds m by more than a slack), row sums;
+//   2. P.V into fp32 accumulators (an L1-resident buffer, loaded into registers per block and
+//      rescaled by 2^(m_old - m_new) when the reference moved), 4 rows x 64 channels per
+//      register block. The multiply-add unit is the bottleneck (at Dv = 64 one score costs 4 zmm
+//      FMAs against ~1 cycle for step 1; NOTES.md), so P.V uses the narrowest product the data
+//      allows:
 //        fp32 / fp16 V:  fp32 FMA (fp16 V is widened once per head),
 //        bf16 V:         VDPBF16PS with P rounded to bf16 (2 keys per instruction; the same
 //                        rounding of P that FlashAttention applies on GPUs),
