@@ -189,8 +189,23 @@ struct ProbBlock {
   alignas(64) uint8_t u8[kTileRows][kKeyBlock];   // kInt8Vnni (0..255)
 };
 
+// Accumulator vector of each P.V mode: fp32 sums, or exact int32 sums of one key block. (A
+// specialisation rather than std::conditional: vector types as template arguments lose their
+// alignment attributes, which GCC warns about.)
 template <PvMode kMode>
-using PvAcc = std::conditional_t<kMode == PvMode::kF32 || kMode == PvMode::kBf16, __m512, __m512i>;
+struct PvAccType {
+  using type = __m512;
+};
+template <>
+struct PvAccType<PvMode::kInt8Vnni> {
+  using type = __m512i;
+};
+template <>
+struct PvAccType<PvMode::kInt8Madd> {
+  using type = __m512i;
+};
+template <PvMode kMode>
+using PvAcc = typename PvAccType<kMode>::type;
 
 // acc[r][k] += sum over the keys [t0, t1) of the block of P[r][t] V[t][c0 + 16 k ..]: v_block is
 // the packed (or direct) V at the block's first key group, `pitch` the elements per key group.

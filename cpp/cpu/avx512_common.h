@@ -1,10 +1,12 @@
 // AVX-512 helpers shared by the *_avx512.cpp translation units. Include only from those files
 // (they are compiled with AVX-512 flags); everything here has internal linkage.
 #pragma once
-// GCC 12 reports -Wmaybe-uninitialized inside its own intrinsic headers (the _mm512_undefined_*
-// pass-through operands of unmasked conversions); the pragma must precede their inclusion.
+// GCC 12 reports -W(maybe-)uninitialized inside its own intrinsic headers (the deliberately
+// undefined _mm512_undefined_* pass-through operands of unmasked operations); the pragmas must
+// precede the inclusion of those headers.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
