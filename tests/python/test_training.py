@@ -2,10 +2,9 @@
 
 The full example trains for minutes; here the ViT is smaller (dim 32, depth 2, 4 heads of 8) and the
 epochs few, so the accuracies are lower than the example's but far from chance (10 classes: 10%).
-Thresholds were set from runs of this exact budget (seed 0) with a wide margin below what they reach,
-and far above what a broken gradient path gives: a BinaryAttention model whose fine-tuning does
-nothing stays at its post-conversion accuracy, and a BinaryFormer model that does not learn stays
-near 10%.
+Thresholds sit about 10 points below what seeds 0-2 of this exact budget reach, and far above what a
+broken gradient path gives: a binary model whose fine-tuning does nothing stays at its accuracy right
+after conversion (about 40%).
 """
 
 from __future__ import annotations
@@ -35,21 +34,33 @@ def _load_example():
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_digits_binary_models_learn(device):
     td = _load_example()
+    # No augmentation or label smoothing: they slow the first epochs, and this budget is all first epochs.
+    fast = dict(batch_size=32, label_smoothing=0.0, max_shift=0)
     cfg = td.Config(
-        float_recipe=td.Recipe(epochs=12, lr=3e-3, warmup_epochs=1),
-        qat_recipe=td.Recipe(epochs=4, lr=1e-3, warmup_epochs=1),
-        binaryformer_recipe=td.Recipe(epochs=12, lr=3e-3, warmup_epochs=1),
+        float_recipe=td.Recipe(epochs=30, lr=3e-3, warmup_epochs=2, **fast),
+        qat_recipe=td.Recipe(epochs=8, lr=1e-3, warmup_epochs=1, **fast),
+        binaryformer_recipe=td.Recipe(epochs=8, lr=1e-3, warmup_epochs=1, **fast),
         dim=32, depth=2, num_heads=4,
     )
     data = td.load_digits_split()
     assert len(data[1]) == 1437 and len(data[3]) == 360
-    results = td.run_seed(cfg, seed=0, data=data, device=torch.device(device), log=False)
+    # One intra-op thread, as in the example: the ops are tiny, and on a busy machine extra threads
+    # make this test several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = td.run_seed(cfg, seed=0, data=data, device=torch.device(device), log=False)
+    finally:
+        torch.set_num_threads(threads)
     acc = {name: r["test_accuracy"] for name, r in results.items()}
-    print(acc)
 
+    before = {name: r["test_accuracy_before_finetune"] for name, r in results.items() if name != "float"}
+    print(acc, before)
+
+    # Seeds 0, 1, 2 of this budget reached: float 0.91-0.94; binary_attention 0.86-0.92 and binaryformer
+    # 0.85-0.89, from 0.36-0.46 right after conversion.
     assert acc["float"] > 0.85, acc
-    # Fine-tuning with distillation must recover most of what the conversion lost.
-    assert acc["binary_attention"] > 0.80, acc
-    assert acc["binary_attention"] > acc["binary_attention_before_finetune"] + 0.05, acc
-    # BinaryFormer from scratch, with no gradient through the signs, still learns.
-    assert acc["binaryformer"] > 0.60, acc
+    for name in ("binary_attention", "binaryformer"):
+        assert acc[name] > 0.75, (name, acc)
+        # Fine-tuning with distillation recovers most of what the conversion lost.
+        assert acc[name] > before[name] + 0.2, (name, acc, before)
