@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import binformer as _binformer  # the op is looked up at call time: binformer/__init__ may import us
 
-__all__ = ["BinaryAttention", "TokenWeightMLP", "convert", "timm_attention_types"]
+__all__ = ["BinaryAttention", "TokenWeightMLP", "convert", "rel_pos_table_size", "timm_attention_types"]
 
 _MAGNITUDES = ("per_head", None)
 _GRAD_MODES = ("ste", "hamming")
@@ -98,8 +98,8 @@ class BinaryAttention(nn.Module):
 
     The first arguments and the submodule names match ``timm.layers.Attention`` (``qkv``, ``q_norm``,
     ``k_norm``, ``norm``, ``gate``, ``proj``), and so does ``forward(x, attn_mask=None, is_causal=False)``,
-    so the module can be passed as ``attn_layer`` to timm's ``Block`` (via ``functools.partial`` for the
-    binary options) and a timm state_dict loads into it with ``strict=True``: parameters timm does not
+    so the module can be passed as ``attn_layer`` to timm's ``Block`` / ``VisionTransformer``
+    (``BinaryAttention.with_options(...)`` binds the binary options) and a timm state_dict loads into it with ``strict=True``: parameters timm does not
     have (the relative-position table, the token-weight MLP) keep their initial values when the
     checkpoint lacks all of them (table zeros: no bias; token weights ~1).
 

@@ -281,6 +281,25 @@ def test_per_head_magnitude_gradient_reaches_q_scale(monkeypatch):
     assert seen["grad_mode"] == "ste"
 
 
+@pytest.mark.parametrize("options, expected", [
+    (dict(), dict(pv_int8=False, grad_mode="ste", rel_pos_table=None, num_prefix_tokens=0, scale=0.25)),
+    (dict(pv_int8=True, token_weights=True), dict(pv_int8=True, grad_mode="hamming")),
+    (dict(rel_pos_grid=(2, 2), num_prefix_tokens=1), dict(rel_pos_grid=(2, 2), num_prefix_tokens=1)),
+])
+def test_options_reach_the_op(monkeypatch, options, expected):
+    seen = {}
+    real = binformer.attention
+
+    def spy(q, k, v, **kw):
+        seen.update(kw)
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(binformer, "attention", spy)
+    BinaryAttention(32, 2, **options)(torch.randn(1, 5, 32))
+    for key, value in expected.items():
+        assert seen[key] == value if value is not None else seen[key] is None, (key, seen[key])
+
+
 def test_rel_pos_table_starts_at_zero_and_learns():
     mod = BinaryAttention(32, 2, rel_pos_grid=(4, 4), num_prefix_tokens=1)
     assert mod.rel_pos_table.shape == (2, rel_pos_table_size((4, 4))) == (2, 52)
