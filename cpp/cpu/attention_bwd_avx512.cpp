@@ -489,7 +489,8 @@ void run_passes(BwdPlan& plan) {
       s->dv_acc = make_aligned<float>(size_t(kKeyBlock) * plan.dv_pad);
       s->sign_acc = make_aligned<float>(size_t(kKeyBlock) * plan.d_pad);
       s->bias_buf = make_aligned<float>(size_t(kTileRows) * plan.nk_pad);
-      for (int64_t t = begin; t < end; ++t) pass_a_task<kBias, kKeyFactor>(plan, *s, t / key_blocks, (t % key_blocks) * kKeyBlock);
+      for (int64_t t = begin; t < end; ++t)
+        pass_a_task<kBias, kKeyFactor>(plan, *s, t / key_blocks, balanced_block(t % key_blocks, key_blocks) * kKeyBlock);
     });
   }
   const bool want_rel = p.drel_pos_table && p.rel_pos_table;
@@ -504,9 +505,11 @@ void run_passes(BwdPlan& plan) {
       s->sign_acc = make_aligned<float>(size_t(kTileRows) * plan.d_pad);
       s->bias_buf = make_aligned<float>(size_t(kTileRows) * plan.nk_pad);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bh = t / row_blocks, i0 = (t % row_blocks) * kTaskRowsB;
+        const int64_t bh = t / row_blocks, blk = balanced_block(t % row_blocks, row_blocks);
+        const int64_t i0 = blk * kTaskRowsB;
+        // Partial rel-pos tables are indexed by block (not by task position): fixed sum order.
         pass_b_task<kBias, kKeyFactor>(plan, *s, bh, i0, std::min(p.Nq, i0 + kTaskRowsB),
-                                       want_rel ? rel_partial.get() + t * T : nullptr);
+                                       want_rel ? rel_partial.get() + (bh * row_blocks + blk) * T : nullptr);
       }
     });
   }

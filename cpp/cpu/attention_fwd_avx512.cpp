@@ -570,7 +570,7 @@ void run_all(ForwardPlan& plan) {
     // P of keys past a block's end is read by key groups that straddle it: keep it finite.
     std::memset(static_cast<void*>(&scratch->prob), 0, sizeof(scratch->prob));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / row_blocks, blk = task % row_blocks;
+      const int64_t bh = task / row_blocks, blk = balanced_block(task % row_blocks, row_blocks);
       const int64_t i_begin = blk * kTaskRows, i_end = std::min(p.Nq, i_begin + kTaskRows);
       run_task<kMode>(plan, tile_fn, *scratch, bh, i_begin, i_end);
     }

@@ -106,7 +106,8 @@ void attention_fwd_scalar(const AttentionFwdParams& p) {
     std::vector<int32_t> acc_int(dv);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / row_blocks, b = bh / p.H, h = bh % p.H;
-      const int64_t i_begin = (task % row_blocks) * kRowBlock, i_end = std::min(p.Nq, i_begin + kRowBlock);
+      const int64_t i_begin = balanced_block(task % row_blocks, row_blocks) * kRowBlock;
+      const int64_t i_end = std::min(p.Nq, i_begin + kRowBlock);
       const char* v_base = static_cast<const char*>(p.v) + (b * p.v_stride[0] + h * p.v_stride[1]) * dtype_size(p.v_dtype);
       for (int64_t i = i_begin; i < i_end; ++i) {
         const uint32_t* qi = q_bits.row(b, h, i);

@@ -150,6 +150,14 @@ inline size_t dtype_size(DType dtype) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Order in which the blocks of one (b, h) are handed to parallel_for: with causal masking the
+// cost of a block grows (rows) or shrinks (keys) along the sequence, and parallel_for gives each
+// thread a contiguous range of tasks, so blocks are interleaved from both ends (0, n-1, 1, n-2,
+// ...) to give every contiguous range a balanced mix. A permutation of [0, n).
+inline int64_t balanced_block(int64_t position, int64_t n) {
+  return position % 2 == 0 ? position / 2 : n - 1 - position / 2;
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
