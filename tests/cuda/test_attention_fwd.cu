@@ -143,6 +143,11 @@ struct Case {
   int wh = 0, ww = 0, prefix = 0;
   int pad = 8;        // row padding (elements) of q, k, v, out
   int offset = 0;     // leading offset (elements) of q, k, v, out: 1 makes them unaligned
+  // > 0: key j gets query j's signs for j % copy_q_every == 0 (<q_j, k_j> = d, the largest
+  // possible score: the bounded kernels' P reaches 2^kTop there).
+  int copy_q_every = 0;
+  double scale_lo = 0.2, scale_hi = 2.0;  // |a_i|, |b_j| range of q_scale / k_scale
+  double table_sigma = 2.0;               // rel-pos table entries ~ N(0, table_sigma^2)
   uint32_t seed = 1;
 };
 
@@ -268,7 +273,7 @@ class AttentionFwdCase {
         }
         float colc;
         std::memcpy(&colc, r.workspace.data() + w.k_colc + row * 4, 4);
-        if (colc != -(12582912.0f + 2.0f * pc)) fail("k_colc[bh=" + std::to_string(bh) + ",j=" + std::to_string(j) + "]");
+        if (colc != -(25165824.0f + 2.0f * pc)) fail("k_colc[bh=" + std::to_string(bh) + ",j=" + std::to_string(j) + "]");
         if (fwd::fwd_per_token_k(r.params)) {
           float ks;
           std::memcpy(&ks, r.workspace.data() + w.k_scale + row * 4, 4);
@@ -284,6 +289,19 @@ class AttentionFwdCase {
           }
           if (off != want_off) fail("relpos_off[j=" + std::to_string(j) + "]");
         }
+      }
+    }
+    if (c_.relpos) {  // each head's table maximum and minimum (exact: no arithmetic)
+      const int64_t tsize = int64_t(2 * c_.wh - 1) * (2 * c_.ww - 1) + 3;
+      for (int h = 0; h < c_.H; ++h) {
+        float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
+        for (int64_t x = 0; x < tsize; ++x) {
+          mx = std::max(mx, table_[size_t(h * tsize + x)]);
+          mn = std::min(mn, table_[size_t(h * tsize + x)]);
+        }
+        float got[2];
+        std::memcpy(got, r.workspace.data() + w.relpos_range + size_t(h) * 8, 8);
+        if (got[0] != mx || got[1] != mn) fail("relpos_range[h=" + std::to_string(h) + "]");
       }
     }
     EXPECT_EQ(bad, 0) << bad << " wrong workspace entries written by the K pre-pass; first: " << first;
@@ -405,6 +423,16 @@ class AttentionFwdCase {
     const Case& c = c_;
     q_ = make_qk(c.q_dtype, c.Nq, q_sign_);
     k_ = make_qk(c.k_dtype, c.Nk, k_sign_);
+    if (c.copy_q_every > 0) {  // float q / k only: key j := +-1 with query j's signs
+      for (int b = 0; b < c.B; ++b)
+        for (int h = 0; h < c.H; ++h)
+          for (int j = 0; j < std::min(c.Nq, c.Nk); j += c.copy_q_every)
+            for (int e = 0; e < c.d; ++e) {
+              const int8_t sg = q_sign_[((size_t(b) * c.H + h) * c.Nq + j) * c.d + e];
+              encode(c.k_dtype, double(sg), k_->at(b, h, j, e));
+              k_sign_[((size_t(b) * c.H + h) * c.Nk + j) * c.d + e] = sg;
+            }
+    }
     // V (int8 values and per-channel dequant for pv_int8)
     const DType vt = c.pv_int8 ? DType::kInt8 : c.v_dtype;
     v_ = std::make_unique<HostTensor>(vt, c.B, c.H, c.Nk, c.dv, c.pad, c.offset);
@@ -435,7 +463,7 @@ class AttentionFwdCase {
     auto make_scale = [&](Scale mode, int N, std::vector<float>& raw, std::vector<double>& full,
                           int64_t* stride) {
       if (mode == Scale::kNone) return;
-      const double lo = c.negative_scales ? -2.0 : 0.2, hi = 2.0;
+      const double lo = c.negative_scales ? -c.scale_hi : c.scale_lo, hi = c.scale_hi;
       const int per = mode == Scale::kPerHead ? 1 : N;
       raw.resize(size_t(c.B) * c.H * per);
       for (auto& x : raw) x = float(uniform(lo, hi));
@@ -486,7 +514,7 @@ class AttentionFwdCase {
     if (c.relpos) {
       const int64_t tsize = int64_t(2 * c.wh - 1) * (2 * c.ww - 1) + 3;
       table_.resize(size_t(c.H) * tsize);
-      for (auto& x : table_) x = float(2.0 * normal());
+      for (auto& x : table_) x = float(c.table_sigma * normal());
       table_d_.assign(table_.begin(), table_.end());
       params_.rel_pos_table_stride_h = tsize;
     }
@@ -737,6 +765,57 @@ std::vector<Case> all_cases() {
     c.pad = 5;
     c.Nq = 50;
     c.Nk = 99;
+    add(c);
+  }
+  // The bounded-max kernels (fp16/bf16 V, no dense bias, no per-token k scale; see
+  // kernel_bounded.h): the row maximum fixed a priori (small scales), after a few online tiles
+  // (unit scales, causal), never (large scales, fp16), scores at the a-priori bound (keys equal
+  // to queries: P = 2^kTop must not overflow fp16), the k128 / k256 variants (d = 128, 200),
+  // 8-warp value widths, and the rel-pos table windows of several query blocks.
+  struct Bounded { const char* what; DType vt; int d, dv, nq, nk; double mult; Scale qs; bool causal;
+                   int copy_q; int wh, ww, prefix; };
+  for (const Bounded& bd : std::vector<Bounded>{
+           {"fixed_apriori", DType::kFloat16, 64, 64, 300, 1000, 0.4, Scale::kPerHead, false, 0, 0, 0, 0},
+           {"fixed_apriori", DType::kBFloat16, 64, 64, 300, 1000, 0.4, Scale::kPerHead, false, 0, 0, 0, 0},
+           {"top", DType::kFloat16, 64, 64, 200, 520, 0.4, Scale::kPerHead, false, 3, 0, 0, 0},
+           {"top", DType::kBFloat16, 64, 64, 200, 520, 0.4, Scale::kPerHead, false, 3, 0, 0, 0},
+           {"top_causal", DType::kFloat16, 64, 64, 260, 260, 0.6, Scale::kPerToken, true, 2, 0, 0, 0},
+           {"switch", DType::kFloat16, 64, 64, 270, 900, 1.0, Scale::kPerToken, false, 0, 0, 0, 0},
+           {"switch_causal", DType::kFloat16, 64, 64, 700, 700, 1.0, Scale::kPerHead, true, 0, 0, 0, 0},
+           {"online", DType::kFloat16, 64, 64, 150, 800, 5.0, Scale::kPerToken, false, 0, 0, 0, 0},
+           {"online", DType::kBFloat16, 64, 64, 150, 800, 5.0, Scale::kPerToken, false, 0, 0, 0, 0},
+           {"k128", DType::kFloat16, 128, 64, 200, 400, 1.0, Scale::kPerHead, false, 0, 0, 0, 0},
+           {"k256", DType::kFloat16, 200, 64, 200, 400, 1.0, Scale::kPerHead, true, 0, 0, 0, 0},
+           {"dv128", DType::kFloat16, 128, 128, 300, 500, 0.5, Scale::kPerHead, false, 0, 0, 0, 0},
+           {"dv72", DType::kBFloat16, 72, 72, 200, 333, 1.0, Scale::kPerHead, true, 0, 0, 0, 0},
+           {"relpos", DType::kFloat16, 64, 64, 0, 0, 0.5, Scale::kPerHead, false, 0, 20, 30, 1},
+           {"relpos", DType::kBFloat16, 64, 64, 0, 0, 1.0, Scale::kPerHead, false, 0, 17, 13, 0},
+           {"relpos_top", DType::kFloat16, 64, 64, 0, 0, 0.4, Scale::kPerHead, false, 4, 16, 16, 1},
+           {"relpos_causal", DType::kFloat16, 128, 64, 0, 0, 1.0, Scale::kPerToken, true, 0, 11, 23, 1},
+           {"relpos_dv128", DType::kFloat16, 64, 128, 0, 0, 0.7, Scale::kPerHead, false, 0, 12, 12, 1}}) {
+    Case c;
+    c.name = std::string("bounded_") + bd.what;
+    c.v_dtype = bd.vt;
+    c.d = bd.d;
+    c.dv = bd.dv;
+    c.Nq = bd.nq;
+    c.Nk = bd.nk;
+    c.scale_mult = bd.mult;
+    c.q_scale = bd.qs;
+    c.k_scale = Scale::kPerHead;
+    c.scale_lo = 0.5;
+    c.scale_hi = 1.5;
+    c.negative_scales = bd.qs == Scale::kPerToken;
+    c.causal = bd.causal;
+    c.copy_q_every = bd.copy_q;
+    if (bd.wh > 0) {
+      c.relpos = true;
+      c.wh = bd.wh;
+      c.ww = bd.ww;
+      c.prefix = bd.prefix;
+      c.Nq = c.Nk = bd.prefix + bd.wh * bd.ww;
+      c.table_sigma = 0.5;
+    }
     add(c);
   }
   // Larger batch x heads.

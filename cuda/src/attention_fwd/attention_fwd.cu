@@ -7,6 +7,7 @@
 #include "fwd_api.h"
 #include "fwd_args.h"
 #include "instances.inc"
+#include "pack_keys.h"
 #include "sign_pack.h"
 #include "tile_config.h"
 #include "workspace_layout.h"
@@ -15,10 +16,12 @@ namespace binformer::cuda {
 namespace {
 
 using fwd::FwdArgs;
+using fwd::PackKeysArgs;
 using fwd::PvKind;
+using fwd::fwd_pack_keys_kernel;
+using fwd::kPackThreads;
 
 constexpr int64_t kRelPosSmemCapBytes = 32 * 1024;  // larger tables are read through L1
-constexpr int kPackThreads = 256;
 
 int elem_bytes(DType t) {
   switch (t) {
@@ -91,73 +94,21 @@ cudaError_t validate(const AttentionFwdParams& p) {
   return cudaSuccess;
 }
 
-// ------------------------------------------------------------------ K pre-pass
-// Packs every key row once (instead of once per query block): signs (flipped where the key's
-// scale factor is negative), the popcount correction constant, |k_scale| and the rel-pos column
-// offsets. 8 threads per row, one 32-bit word each; rows past Nk are written as zero rows.
-struct PackKeysArgs {
-  const void* k;
-  DType dtype;
-  int64_t k_stride[3];
-  bool vec_ok;
-  int H, Nk, d, words, k_words;
-  int64_t nk_pad, rows;
-  const float* k_scale;
-  int64_t k_scale_stride[3];
-  uint32_t* k_bits;
-  float* k_colc;
-  float* k_scale_abs;
-  int* relpos_off;
-  int relpos_prefix, relpos_ww;
-};
-
-__global__ void __launch_bounds__(kPackThreads)
-    fwd_pack_keys_kernel(const __grid_constant__ PackKeysArgs a) {
-  const int64_t gid = int64_t(blockIdx.x) * kPackThreads + threadIdx.x;
-  const int64_t row = gid / 8;
-  const int w = int(gid % 8);
-  const bool active = row < a.rows;
-  int64_t bh = 0;
-  int j = 0;
-  uint32_t word = 0;
-  float bj = 1.0f;
-  if (active) {
-    bh = row / a.nk_pad;
-    j = int(row % a.nk_pad);
-    const int64_t b = bh / a.H, h = bh % a.H;
-    if (j < a.Nk) {
-      if (a.k_scale != nullptr) {
-        bj = __ldg(a.k_scale + b * a.k_scale_stride[0] + h * a.k_scale_stride[1] +
-                   int64_t(j) * a.k_scale_stride[2]);
-      }
-      if (w < a.words) {
-        const int esize = a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16 ? 2 : 4;
-        const char* k_row = static_cast<const char*>(a.k) +
-                            (b * a.k_stride[0] + h * a.k_stride[1] + int64_t(j) * a.k_stride[2]) * esize;
-        word = fwd::load_sign_word(k_row, a.dtype, w, a.d, a.vec_ok);
-        if (bj < 0.0f) word ^= fwd::row_word_mask(w, a.d);
-      }
-    }
+cudaError_t launch_pack_keys(const PackKeysArgs& pk, DType dtype, bool vec_ok, unsigned blocks,
+                             cudaStream_t stream) {
+  if (dtype == DType::kFloat16) {
+    if (vec_ok) fwd_pack_keys_kernel<DType::kFloat16, true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_kernel<DType::kFloat16, false><<<blocks, kPackThreads, 0, stream>>>(pk);
+  } else if (dtype == DType::kBFloat16) {
+    if (vec_ok) fwd_pack_keys_kernel<DType::kBFloat16, true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_kernel<DType::kBFloat16, false><<<blocks, kPackThreads, 0, stream>>>(pk);
+  } else if (dtype == DType::kFloat32) {
+    if (vec_ok) fwd_pack_keys_kernel<DType::kFloat32, true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_kernel<DType::kFloat32, false><<<blocks, kPackThreads, 0, stream>>>(pk);
+  } else {
+    fwd_pack_keys_kernel<DType::kBits, false><<<blocks, kPackThreads, 0, stream>>>(pk);
   }
-  // Row popcount over the row's 8 lanes (rows never straddle an 8-lane group).
-  int pc = __popc(word);
-  pc += __shfl_xor_sync(0xffffffffu, pc, 1);
-  pc += __shfl_xor_sync(0xffffffffu, pc, 2);
-  pc += __shfl_xor_sync(0xffffffffu, pc, 4);
-  if (!active) return;
-  if (w < a.k_words) a.k_bits[row * a.k_words + w] = word;
-  if (w == 0) {
-    a.k_colc[row] = -(12582912.0f + 2.0f * float(pc));
-    if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = j < a.Nk ? fabsf(bj) : 0.0f;
-  }
-  if (w == 1 && a.relpos_off != nullptr && bh == 0) {
-    int off = 0;
-    if (j < a.Nk && j >= a.relpos_prefix) {
-      const int pj = j - a.relpos_prefix;
-      off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
-    }
-    a.relpos_off[j] = off;
-  }
+  return cudaGetLastError();
 }
 
 // ------------------------------------------------------------------ dispatch
@@ -236,13 +187,12 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
 
     PackKeysArgs pk{};
     pk.k = p.k;
-    pk.dtype = p.k_dtype;
     for (int i = 0; i < 3; ++i) pk.k_stride[i] = p.k_stride[i];
-    pk.vec_ok = p.k_dtype != DType::kBits && rows_aligned(p.k, p.k_stride, 3, elem_bytes(p.k_dtype), 16);
+    const bool k_vec_ok =
+        p.k_dtype != DType::kBits && rows_aligned(p.k, p.k_stride, 3, elem_bytes(p.k_dtype), 16);
     pk.H = int(p.H);
     pk.Nk = int(p.Nk);
     pk.d = p.head_dim;
-    pk.words = words_for(p.head_dim);
     pk.k_words = args.k_words;
     pk.nk_pad = w.nk_pad;
     pk.rows = p.B * p.H * w.nk_pad;
@@ -254,10 +204,21 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     pk.relpos_off = const_cast<int*>(args.relpos_off);
     pk.relpos_prefix = p.num_prefix_tokens;
     pk.relpos_ww = p.rel_pos_ww;
-    const int64_t blocks = (pk.rows * 8 + kPackThreads - 1) / kPackThreads;
+    pk.pack_blocks = (pk.rows * 8 + kPackThreads - 1) / kPackThreads;
+    int64_t blocks = pk.pack_blocks;
+    if (p.rel_pos_table != nullptr) {
+      args.relpos_range = reinterpret_cast<float*>(ws + w.relpos_range);
+      pk.relpos_table = p.rel_pos_table;
+      pk.relpos_table_stride_h = p.rel_pos_table_stride_h;
+      pk.relpos_table_size = int(int64_t(2 * p.rel_pos_wh - 1) * (2 * p.rel_pos_ww - 1) + 3);
+      pk.relpos_range = const_cast<float*>(args.relpos_range);
+      blocks += p.H;
+    }
     if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-    fwd_pack_keys_kernel<<<unsigned(blocks), kPackThreads, 0, stream>>>(pk);
-    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    if (const cudaError_t err = launch_pack_keys(pk, p.k_dtype, k_vec_ok, unsigned(blocks), stream);
+        err != cudaSuccess) {
+      return err;
+    }
   }
 
   args.v = p.v;

@@ -14,6 +14,8 @@ namespace binformer::cuda::fwd {
 //                                               half of the popcount correction, see kernel.h
 //   k_scale_abs [B*H][nk_pad] float            |b_j|, only for per-token k_scale (else nullptr)
 //   relpos_off  [nk_pad] int                   rel-pos column offset y_j*(2Ww-1)+x_j (0 for cls)
+//   relpos_range [H][2] float                  max and min of each head's rel-pos table (for
+//                                               the bounded kernels' a-priori row maximum)
 // Rows at or past Nk are zero bits with k_colc = -(2^23 + 2^22), k_scale_abs = 0, relpos_off = 0.
 struct FwdArgs {
   int B, H, Nq, Nk;
@@ -61,6 +63,8 @@ struct FwdArgs {
   int64_t relpos_table_stride_h;
   int relpos_wh, relpos_ww, relpos_prefix, relpos_table_size;
   bool relpos_in_smem;  // the head's table is copied to shared memory (else read through L1)
+  const float* relpos_range;  // [H][2] (max, min) of each head's table, from the K pre-pass
+  int relpos_window;          // bounded kernels: floats of the largest per-block table window
 
   bool causal;
   const float* v_dequant;  // [B,H,Dv] (pv_int8)

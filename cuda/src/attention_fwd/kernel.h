@@ -19,12 +19,15 @@
 // k'_j flipped when b_j < 0 (done by the K pre-pass). Flipping every bit negates <.,.>.
 //
 // Popcount correction: <q, k> = 4 p(q & k) - 2 p(q) - 2 p(k) + d. The mma gives r = p(q & k);
-// with rowc_i = 0x4B400000 + d - 2 p(q_i) (an integer added to the bits of 1.5 * 2^23) and
-// colc_j = -(1.5 * 2^23) - 2 p(k_j):
-//   __int_as_float(4 r + rowc_i) + colc_j = <q_i, k_j>  exactly (one IMAD + one FADD, no I2F,
-// which would run at the MUFU rate and compete with the exponentials).
+// in the binade [2^24, 2^25) one unit of the float bits is 2, so with
+// rowc_i = 0x4BC00000 + d/2 - p(q_i) (an integer added to the bits of 1.5 * 2^24) and
+// colc_j = -(1.5 * 2^24) - 2 p(k_j):
+//   __int_as_float(2 r + rowc_i) + colc_j = <q_i, k_j>  exactly (one IMAD + one FADD, no I2F,
+// which would run at the MUFU rate and compete with the exponentials). d is a multiple of 8.
 #pragma once
+#if !defined(BINFORMER_FWD_HOST_EMULATION)
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -45,13 +48,25 @@ namespace binformer::cuda::fwd {
 constexpr int round_up_c(int x, int m) { return (x + m - 1) / m * m; }
 __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) / m; }
 
-template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_>
+// kQK != kRuntime selects the bounded-max kernel of kernel_bounded.h (fp16/bf16 V, no dense
+// bias, no per-token k scale; kBoundedRelPos_: with the rel-pos bias); kHasBias_ the online
+// kernel's dense and/or rel-pos bias.
+template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
+          bool kBoundedRelPos_ = false>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
   static constexpr bool kDvMasked = kDvMasked_;
-  static constexpr bool kHasBias = kHasBias_;  // dense and/or rel-pos bias
-  static constexpr TileShape kShape = fwd_tile_shape(kPv, kDvPad, kHasBias);
+  static constexpr bool kHasBias = kHasBias_;  // dense and/or rel-pos bias (online kernel)
+  static constexpr QK kQK = kQK_;
+  static constexpr bool kBounded = kQK_ != QK::kRuntime;
+  static constexpr bool kBoundedRelPos = kBoundedRelPos_;
+  static constexpr bool kLoadsRelOff = kHasBias || kBoundedRelPos;  // stages hold relpos_off
+  static_assert(!kBounded || (!kHasBias && (kPv == PvKind::kF16 || kPv == PvKind::kBF16)),
+                "bounded kernels: fp16/bf16 V without a dense bias");
+  static_assert(kBounded || !kBoundedRelPos, "kBoundedRelPos is a bounded-kernel option");
+  static constexpr TileShape kShape =
+      kBounded ? fwd_bounded_tile_shape(kDvPad) : fwd_tile_shape(kPv, kDvPad, kHasBias);
   static constexpr int kWarps = kShape.warps;
   static constexpr int kMTiles = kShape.m_tiles;
   static constexpr int kBlockN = kShape.block_n;
@@ -60,7 +75,9 @@ struct FwdTraits {
   static constexpr int kBlockM = 16 * kMTiles * kWarps;
   static constexpr int kNBlocks = kBlockN / 8;  // n8 score blocks per tile
   static constexpr int kDvBlocks = kDvPad / 8;  // n8 output blocks
-  static constexpr int kMinBlocksPerSm = kThreads >= 256 ? 1 : 2;
+  // The bounded kernels at Dv <= 64 keep no score tile in registers: three blocks of 4 warps
+  // fit (<= 168 registers), 12 warps per SM instead of 8 to hide the MUFU / mma latencies.
+  static constexpr int kMinBlocksPerSm = kThreads >= 256 ? 1 : (kBounded ? BINFORMER_FWD_BOUNDED_MIN_BLOCKS : 2);
 
   static_assert(kDvPad % 8 == 0 && kDvPad <= 256, "value width");
   static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps");
@@ -82,8 +99,11 @@ struct FwdTraits {
   // which keeps the loads of words t and t+4 by lanes (g, t) free of bank conflicts), the
   // per-key constants, and the V tile.
   static constexpr int kKPitchWordsMax = 12;
+  // Words of K-bit row pitch a stage reserves: the bounded k128 kernels know k_words = 4.
+  static constexpr int kKPitchWords =
+      kBounded && kQK != QK::kK256 ? 4 : kKPitchWordsMax;
   static constexpr int kOffKBits = 0;
-  static constexpr int kOffColc = kOffKBits + kBlockN * kKPitchWordsMax * 4;
+  static constexpr int kOffColc = kOffKBits + kBlockN * kKPitchWords * 4;
   static constexpr int kOffKScale = kOffColc + kBlockN * 4;
   static constexpr int kOffRelOff = kOffKScale + kBlockN * 4;
   static constexpr int kOffV = round_up_c(kOffRelOff + kBlockN * 4, 128);
@@ -122,7 +142,7 @@ struct FwdBlock {
   int bh, b, h, m0;
 
   uint32_t qa[kMT][4];   // Q bits as b1 A fragments (words t and t+4 of rows g and g+8)
-  int rowc[kRows];       // 0x4B400000 + d - 2 p(q_i)
+  int rowc[kRows];       // 0x4BC00000 + d/2 - p(q_i) (bounded kernels: 0x4BC00000 - p(q_i))
   float rowscale[kRows];  // |scale a_i b_head| (natural units with bias, times log2(e) without)
   float m_run[kRows];    // running row max in log2 units (-inf: nothing seen yet)
   float l_run[kRows];    // this thread's part of the row sum of 2^(x - m_run)
@@ -225,7 +245,7 @@ struct FwdBlock {
       if constexpr (kPerTokenK) {
         cp_async_16(st_addr + Tr::kOffKScale + c * 16, a.k_scale_abs + krow0 + 4 * c, 16);
       }
-      if constexpr (kHasBias) {
+      if constexpr (Tr::kLoadsRelOff) {
         if (a.relpos_off != nullptr) {
           cp_async_16(st_addr + Tr::kOffRelOff + c * 16, a.relpos_off + key0 + 4 * c, 16);
         }
@@ -322,8 +342,8 @@ struct FwdBlock {
       pop_lo += __shfl_xor_sync(0xffffffffu, pop_lo, 2);
       pop_hi += __shfl_xor_sync(0xffffffffu, pop_hi, 1);
       pop_hi += __shfl_xor_sync(0xffffffffu, pop_hi, 2);
-      rowc[2 * mt] = 0x4B400000 + a.d - 2 * pop_lo;
-      rowc[2 * mt + 1] = 0x4B400000 + a.d - 2 * pop_hi;
+      rowc[2 * mt] = 0x4BC00000 + a.d / 2 - pop_lo;
+      rowc[2 * mt + 1] = 0x4BC00000 + a.d / 2 - pop_hi;
     }
 
     const float k_head = a.k_scale_head != nullptr
@@ -548,7 +568,7 @@ struct FwdBlock {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 2 * mt + e / 2;
-          float y = __int_as_float(pc[mt][e] * 4 + rowc[r]) + ((e & 1) ? cc.y : cc.x);
+          float y = __int_as_float(pc[mt][e] * 2 + rowc[r]) + ((e & 1) ? cc.y : cc.x);
           if constexpr (kPerTokenK) y *= (e & 1) ? kk.y : kk.x;
           float x;
           if constexpr (kHasBias) {
@@ -662,7 +682,7 @@ struct FwdBlock {
   __device__ __forceinline__ void pv_f16(const float (&s)[kMT][kNB][4], const unsigned char* st,
                                          int warp_limit) {
     constexpr bool kBF = Tr::kPv == PvKind::kBF16;
-    const uint32_t v_lane = smem_u32(st + Tr::kOffV) + (lane & 15) * Tr::kVPitch + (lane >> 4) * 16;
+    const uint32_t v_lane = v_lane_addr(st);
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       if (kMask && kk * 16 >= warp_limit) continue;
@@ -674,33 +694,45 @@ struct FwdBlock {
         pa[mt][2] = pack_pair<kBF>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pa[mt][3] = pack_pair<kBF>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
-      const uint32_t v_rows = v_lane + kk * 16 * Tr::kVPitch;
+      pv_f16_step(pa, v_lane + kk * 16 * Tr::kVPitch);
+    }
+  }
+
+  // This lane's ldmatrix row address in the stage's V tile (rows lane % 16, 16-byte column
+  // lane / 16 of every 16 x 16 block).
+  __device__ __forceinline__ uint32_t v_lane_addr(const unsigned char* st) const {
+    return smem_u32(st + Tr::kOffV) + (lane & 15) * Tr::kVPitch + (lane >> 4) * 16;
+  }
+
+  // One k16 key step of P.V: pa holds the A fragments of P (per m-tile), v_rows the lane's
+  // ldmatrix address of the step's first V row.
+  __device__ __forceinline__ void pv_f16_step(const uint32_t (&pa)[kMT][4], uint32_t v_rows) {
+    constexpr bool kBF = Tr::kPv == PvKind::kBF16;
 #pragma unroll
-      for (int nn = 0; nn < Tr::kDvPad / 16; ++nn) {
-        if (Tr::kDvMasked && nn * 16 >= a.dv) break;
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_rows + nn * 32);
+    for (int nn = 0; nn < Tr::kDvPad / 16; ++nn) {
+      if (Tr::kDvMasked && nn * 16 >= a.dv) break;
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, v_rows + nn * 32);
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          if constexpr (kBF) {
-            mma_bf16_16816(o[mt][2 * nn], pa[mt], bv[0], bv[1]);
-            mma_bf16_16816(o[mt][2 * nn + 1], pa[mt], bv[2], bv[3]);
-          } else {
-            mma_f16_16816(o[mt][2 * nn], pa[mt], bv[0], bv[1]);
-            mma_f16_16816(o[mt][2 * nn + 1], pa[mt], bv[2], bv[3]);
-          }
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kBF) {
+          mma_bf16_16816(o[mt][2 * nn], pa[mt], bv[0], bv[1]);
+          mma_bf16_16816(o[mt][2 * nn + 1], pa[mt], bv[2], bv[3]);
+        } else {
+          mma_f16_16816(o[mt][2 * nn], pa[mt], bv[0], bv[1]);
+          mma_f16_16816(o[mt][2 * nn + 1], pa[mt], bv[2], bv[3]);
         }
       }
-      if constexpr (Tr::kDvPad % 16 != 0) {  // a last n8 block (Dv = 72): two 8x8 matrices
-        uint32_t bv[2];
-        ldmatrix_x2_trans(bv, v_rows + (Tr::kDvPad / 16) * 32);
+    }
+    if constexpr (Tr::kDvPad % 16 != 0) {  // a last n8 block (Dv = 72): two 8x8 matrices
+      uint32_t bv[2];
+      ldmatrix_x2_trans(bv, v_rows + (Tr::kDvPad / 16) * 32);
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          if constexpr (kBF) {
-            mma_bf16_16816(o[mt][Tr::kDvBlocks - 1], pa[mt], bv[0], bv[1]);
-          } else {
-            mma_f16_16816(o[mt][Tr::kDvBlocks - 1], pa[mt], bv[0], bv[1]);
-          }
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kBF) {
+          mma_bf16_16816(o[mt][Tr::kDvBlocks - 1], pa[mt], bv[0], bv[1]);
+        } else {
+          mma_f16_16816(o[mt][Tr::kDvBlocks - 1], pa[mt], bv[0], bv[1]);
         }
       }
     }
@@ -890,6 +922,7 @@ struct FwdBlock {
   }
 };
 
+#if !defined(BINFORMER_FWD_HOST_EMULATION)  // (the emulator runs the block directly)
 template <class Tr, bool kPerTokenK>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
     attention_fwd_kernel(const __grid_constant__ FwdArgs args) {
@@ -897,5 +930,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
   FwdBlock<Tr, kPerTokenK> block(args, fwd_smem);
   block.run();
 }
+#endif
 
 }  // namespace binformer::cuda::fwd

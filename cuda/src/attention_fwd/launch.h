@@ -1,21 +1,21 @@
-// Launch template of the forward kernel; included only by the generated instantiation files.
+// Launch templates of the forward kernels; included only by the generated instantiation files.
 #pragma once
 #include <climits>
 
 #include "fwd_api.h"
 #include "kernel.h"
+#include "kernel_bounded.h"
 
 namespace binformer::cuda::fwd {
 
-template <class Tr, bool kPerTokenK>
-cudaError_t launch_attention_fwd(FwdArgs args, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<Tr, kPerTokenK>;
+// The bounded kernels keep the rel-pos table window of a block in shared memory; windows above
+// this size (very large grids) run the online bias kernel, which reads the table through L1.
+inline constexpr int kBoundedRelPosWindowCapBytes = 64 * 1024;
+
+template <class Tr, class Kernel>
+cudaError_t launch_kernel(Kernel kernel, FwdArgs& args, size_t smem, cudaStream_t stream) {
   args.num_m_blocks = ceil_div_c(args.Nq, Tr::kBlockM);
   if ((long long)args.num_m_blocks * args.B * args.H > INT_MAX) return cudaErrorInvalidConfiguration;
-  size_t smem = Tr::kSmemFixed;
-  if (Tr::kHasBias && args.relpos_table != nullptr && args.relpos_in_smem) {
-    smem += (size_t(args.relpos_table_size) * sizeof(float) + 15) / 16 * 16;
-  }
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -26,19 +26,84 @@ cudaError_t launch_attention_fwd(FwdArgs args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <class Tr, bool kPerTokenK>
+cudaError_t launch_attention_fwd(FwdArgs args, cudaStream_t stream) {
+  size_t smem = Tr::kSmemFixed;
+  if (Tr::kHasBias && args.relpos_table != nullptr && args.relpos_in_smem) {
+    smem += (size_t(args.relpos_table_size) * sizeof(float) + 15) / 16 * 16;
+  }
+  return launch_kernel<Tr>(attention_fwd_kernel<Tr, kPerTokenK>, args, smem, stream);
+}
+
+// Floats of the largest rel-pos window (plus the 3 cls entries) over the blocks of kBlockM rows.
+inline int relpos_window_floats(const FwdArgs& args, int block_m) {
+  int most = 0;
+  for (int m0 = 0; m0 < args.Nq; m0 += block_m) {
+    const RelPosWindow w = fwd_relpos_window(m0, block_m, args.Nq, args.relpos_prefix,
+                                             args.relpos_wh, args.relpos_ww);
+    most = w.len > most ? w.len : most;
+  }
+  return most + 3;
+}
+
+template <class Tr>
+cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
+  size_t smem = Tr::kSmemFixed;
+  if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * sizeof(float) + 15) / 16 * 16;
+  return launch_kernel<Tr>(attention_fwd_bounded_kernel<Tr>, args, smem, stream);
+}
+
+// fp16/bf16 V without a dense bias and without a per-token k scale: the bounded-max kernels
+// (kernel_bounded.h), one per QK^T form (d <= 64 / 128 / 256), with or without the rel-pos bias.
+// Returns false (nothing launched) when the rel-pos window does not fit in shared memory.
+template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos>
+cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
+  using Probe = FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos>;
+  if (kRelPos) {
+    args.relpos_window = relpos_window_floats(args, Probe::kBlockM);
+    if (size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes)) {
+      launched = false;
+      return cudaSuccess;
+    }
+  }
+  launched = true;
+  if (args.d <= 64) {
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos>>(args, stream);
+  }
+  if (args.d <= 128) {
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos>>(args, stream);
+  }
+  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos>>(args, stream);
+}
+
 template <int kDvPad, PvKind kPv, bool kDvMasked>
 cudaError_t run_attention_fwd(FwdArgs args, cudaStream_t stream) {
   if (args.dv > kDvPad || (!kDvMasked && args.dv != kDvPad)) return cudaErrorInvalidValue;
-  const bool has_bias = args.bias != nullptr || args.relpos_table != nullptr;
+  const bool dense_bias = args.bias != nullptr;
+  const bool relpos = args.relpos_table != nullptr;
   const bool per_token_k = args.k_scale_abs != nullptr;
-  if (has_bias) {
+  if constexpr (kPv == PvKind::kF16 || kPv == PvKind::kBF16) {
+    if (!dense_bias && !per_token_k) {
+      bool launched = false;
+      const cudaError_t err =
+          relpos ? run_bounded<kDvPad, kPv, kDvMasked, true>(args, stream, launched)
+                 : run_bounded<kDvPad, kPv, kDvMasked, false>(args, stream, launched);
+      if (launched || err != cudaSuccess) return err;
+    }
+  }
+  if (dense_bias || relpos) {
     using Tr = FwdTraits<kDvPad, kPv, kDvMasked, true>;
     return per_token_k ? launch_attention_fwd<Tr, true>(args, stream)
                        : launch_attention_fwd<Tr, false>(args, stream);
   }
   using Tr = FwdTraits<kDvPad, kPv, kDvMasked, false>;
-  return per_token_k ? launch_attention_fwd<Tr, true>(args, stream)
-                     : launch_attention_fwd<Tr, false>(args, stream);
+  if constexpr (kPv == PvKind::kF16 || kPv == PvKind::kBF16) {
+    // Without bias and per-token k these always run bounded: only the per-token variant.
+    return per_token_k ? launch_attention_fwd<Tr, true>(args, stream) : cudaErrorNotSupported;
+  } else {
+    return per_token_k ? launch_attention_fwd<Tr, true>(args, stream)
+                       : launch_attention_fwd<Tr, false>(args, stream);
+  }
 }
 
 }  // namespace binformer::cuda::fwd

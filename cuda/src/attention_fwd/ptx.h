@@ -11,6 +11,11 @@
 //   tf32 m16n8k8  A: a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4)
 //                 B: b0 = (k t, n g), b1 = (k t+4, n g)
 #pragma once
+#if defined(BINFORMER_FWD_HOST_EMULATION)
+// The host emulator (cuda/src/attention_fwd/host_emulation) provides every function of this
+// header, implemented from the PTX ISA fragment layouts.
+#include "host_emulation/fwd_ptx_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,6 +35,18 @@ __device__ __forceinline__ void mma_and_popc_k128(int (&d)[4], uint32_t a0, uint
       "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%7,%7};\n"
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
       : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+}
+
+// D = popcount(A AND B) + C with C = {c_lo, c_lo, c_hi, c_hi}: one value for row g and one for
+// row g + 8 (the bounded kernels add the bits of a float magic number there, see kernel_bounded.h;
+// with c_lo == c_hi the compiler keeps one constant register quad, distinct values cost register
+// copies around every mma).
+__device__ __forceinline__ void mma_and_popc_k128_c(int (&d)[4], uint32_t a0, uint32_t a1,
+                                                    uint32_t b0, int c_lo, int c_hi) {
+  asm("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc "
+      "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%8,%8};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0), "r"(c_lo), "r"(c_hi));
 }
 
 __device__ __forceinline__ void mma_and_popc_k256(int (&d)[4], const uint32_t (&a)[4],
@@ -97,6 +114,10 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int s
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
+// 4-byte global -> shared copy through L1 (for rel-pos table windows of any alignment).
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -155,3 +176,4 @@ __device__ __forceinline__ uint32_t pack_pair(float x, float y) {
 }
 
 }  // namespace binformer::cuda::fwd
+#endif  // BINFORMER_FWD_HOST_EMULATION

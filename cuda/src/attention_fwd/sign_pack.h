@@ -94,4 +94,39 @@ __device__ __forceinline__ uint32_t load_sign_word(const void* row, DType dtype,
   return word;
 }
 
+// Signs of elements [8c, 8c + 8) of one row (8c < d; d is a multiple of 8, so the 8 bits never
+// reach past the row): the byte c of the packed row. One 16-byte load for 16-bit rows (two for
+// fp32) when vec_ok, so that the packing loops issue all of their loads back to back.
+__device__ __forceinline__ uint32_t load_sign_byte(const void* row, DType dtype, int c,
+                                                   bool vec_ok) {
+  if (dtype == DType::kBits) {
+    return (__ldg(static_cast<const uint32_t*>(row) + c / 4) >> (8 * (c % 4))) & 0xFFu;
+  }
+  if (dtype == DType::kFloat32) {
+    const uint32_t* p = static_cast<const uint32_t*>(row) + 8 * c;
+    if (vec_ok) {
+      const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p));
+      const uint4 hi = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+      return signs_of_4x32(lo) | (signs_of_4x32(hi) << 4);
+    }
+    uint32_t bits = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) bits |= sign_bit_f32(__ldg(p + e)) << e;
+    return bits;
+  }
+  const bool bf16 = dtype == DType::kBFloat16;
+  const uint16_t* p = static_cast<const uint16_t*>(row) + 8 * c;
+  if (vec_ok) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    return bf16 ? signs_of_8x16<true>(v) : signs_of_8x16<false>(v);
+  }
+  uint32_t bits = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const uint32_t h = __ldg(p + e);
+    bits |= (bf16 ? sign_bit_bf16(h) : sign_bit_f16(h)) << e;
+  }
+  return bits;
+}
+
 }  // namespace binformer::cuda::fwd

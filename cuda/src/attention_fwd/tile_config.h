@@ -26,6 +26,12 @@
 #ifndef BINFORMER_FWD_STAGES
 #define BINFORMER_FWD_STAGES 2  // cp.async pipeline depth for the K-bit / V tiles
 #endif
+#ifndef BINFORMER_FWD_BOUNDED_BLOCK_N
+#define BINFORMER_FWD_BOUNDED_BLOCK_N 128  // key tile of the bounded kernels at Dv <= 64
+#endif
+#ifndef BINFORMER_FWD_BOUNDED_MIN_BLOCKS
+#define BINFORMER_FWD_BOUNDED_MIN_BLOCKS 3  // __launch_bounds__ blocks/SM, bounded Dv <= 64
+#endif
 
 namespace binformer::cuda::fwd {
 
@@ -36,6 +42,17 @@ enum class PvKind : int {
   kTF32x3 = 2,  // V fp32: big/small tf32 split of P and V, three m16n8k8 mma (~fp32 accuracy)
   kU8S8 = 3,    // pv_int8: P quantized to u8, V int8, mma.sync m16n8k32 u8.s8 -> s32
 };
+
+// How the binary QK^T product is computed (a template parameter of the kernels).
+//   kRuntime  the online kernels: m16n8k128 or m16n8k256 chosen at run time per n8 block.
+//   kDup128   d <= 64: the d bits are duplicated into both halves of an m16n8k128 (lanes t and
+//             t + 2 load the same word), so the mma returns 2 p(q & k); with the accumulator
+//             input C = the bits of 1.5 * 2^24 - p(q_i) (2-unit steps in that binade), the float
+//             value of D is 1.5 * 2^24 + <q_i, k_j> - d + 2 p(k_j) exactly: no integer
+//             instruction per element (see kernel_bounded.h).
+//   kK128     d <= 128: m16n8k128, one IMAD per element rebuilds the same float bits.
+//   kK256     d <= 256: m16n8k256, one IMAD per element.
+enum class QK : int { kRuntime = 0, kDup128 = 1, kK128 = 2, kK256 = 3 };
 
 struct TileShape {
   int warps;    // warps per block
@@ -60,6 +77,16 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
   // Dv = 256 with a bias: 16-key tiles (u8 P.V needs whole k32 steps, and has half the V bytes).
   if (has_bias && dv_pad > 128 && pv != PvKind::kU8S8) shape.block_n = 16;
   return shape;
+}
+
+// The bounded-max kernels (kernel_bounded.h: fp16/bf16 V, no dense bias, no per-token k scale)
+// stream every k16 key step through scores -> exp -> P.V without a tile-wide maximum, so their
+// registers do not grow with the key tile: 128-key tiles halve the per-tile overhead (barrier,
+// copy issue, loop) at Dv <= 64. Dv > 64 keeps 64-key tiles (the V tile is 2*Dv bytes a key).
+BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad) {
+  const int st = BINFORMER_FWD_STAGES;
+  if (dv_pad <= 64) return TileShape{4, 2, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
+  return TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
 }
 
 BINFORMER_FWD_HD constexpr int fwd_block_m(PvKind pv, int dv_pad, bool has_bias) {
@@ -88,6 +115,23 @@ BINFORMER_FWD_HD constexpr FwdConfig fwd_select_config(PvKind pv, int dv) {
     return FwdConfig{pv, dv, false};
   }
   return FwdConfig{pv, fwd_generic_dv_pad(dv), true};
+}
+
+// The rel-pos table entries a block of query rows [m0, m0 + block_m) can reach: for patch rows
+// in grid rows y_lo .. y_hi and any key, index = (y_i - y_j + Wh - 1)(2Ww - 1) + x_i - x_j +
+// Ww - 1 lies in table rows y_lo .. y_hi + Wh - 1, i.e. entries [first, first + len). len = 0
+// when the block holds no patch row. (The bounded kernels copy this window plus the three cls
+// entries to shared memory; the launcher sizes it with the largest window over all blocks.)
+struct RelPosWindow {
+  int first, len;
+};
+BINFORMER_FWD_HD constexpr RelPosWindow fwd_relpos_window(int m0, int block_m, int nq, int prefix,
+                                                          int wh, int ww) {
+  const int first_row = m0 > prefix ? m0 : prefix;
+  const int last_row = min_c(m0 + block_m, nq) - 1;
+  if (first_row > last_row) return RelPosWindow{0, 0};
+  const int y_lo = (first_row - prefix) / ww, y_hi = (last_row - prefix) / ww;
+  return RelPosWindow{y_lo * (2 * ww - 1), (y_hi - y_lo + wh) * (2 * ww - 1)};
 }
 
 // Key tiles are visited from the last one to the first (the tiles that need masking, at the end

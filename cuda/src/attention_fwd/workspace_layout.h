@@ -13,7 +13,8 @@ inline constexpr int64_t kNkPadMultiple = 128;  // >= every key tile: whole tile
 struct WorkspaceLayout {
   int64_t nk_pad = 0;
   int k_words = 0;  // 4 (d <= 128) or 8
-  size_t k_bits = 0, k_colc = 0, k_scale = 0, relpos_off = 0, total = 0;  // byte offsets, size
+  size_t k_bits = 0, k_colc = 0, k_scale = 0, relpos_off = 0, relpos_range = 0;  // byte offsets
+  size_t total = 0;  // size
 };
 
 inline bool fwd_per_token_k(const AttentionFwdParams& p) {
@@ -34,7 +35,10 @@ inline WorkspaceLayout fwd_workspace_layout(const AttentionFwdParams& p) {
   w.k_bits = take(rows * size_t(w.k_words) * 4);
   w.k_colc = take(rows * 4);
   if (fwd_per_token_k(p)) w.k_scale = take(rows * 4);
-  if (p.rel_pos_table != nullptr) w.relpos_off = take(size_t(w.nk_pad) * 4);
+  if (p.rel_pos_table != nullptr) {
+    w.relpos_off = take(size_t(w.nk_pad) * 4);
+    w.relpos_range = take(size_t(p.H) * 2 * 4);  // per head: max, min of the table
+  }
   return w;
 }
 

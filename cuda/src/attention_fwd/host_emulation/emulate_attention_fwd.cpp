@@ -1,0 +1,328 @@
+// Runs the bounded-max forward kernel (kernel_bounded.h, the real source compiled as C++ with the
+// host emulation of fwd_ptx_emulation.h) on small random problems and compares out and lse with
+// the float64 reference of the GoogleTest (tests/cuda/attention_fwd_reference.h), with the
+// GoogleTest's tolerances. It checks the index mappings, the score algebra (duplicated k128 bits,
+// the float magic numbers), the fixed / online maximum and its switch, masking, rel-pos windows
+// and the epilogue without a GPU. The K pre-pass (pack_keys.h) runs emulated too and is compared
+// with a host packing; timing, ex2.approx and cp.async ordering are the device's part.
+//
+// From the repository root (C++20 for std::barrier):
+//   g++ -std=c++20 -O2 -pthread -DBINFORMER_FWD_HOST_EMULATION -Itests/cuda/emulation -Itests/cuda \
+//       -Icuda/src/attention_fwd -Icuda/src -Icpp/include \
+//       cuda/src/attention_fwd/host_emulation/emulate_attention_fwd.cpp -o /tmp/emulate_attention_fwd
+//   /tmp/emulate_attention_fwd [filter]   (one PASS / FAIL line per case; exit code 1 on failure)
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_fwd_reference.h"
+#include "host_emulation/fwd_ptx_emulation.h"
+#include "kernel_bounded.h"
+#include "pack_keys.h"
+
+using namespace binformer;
+using namespace binformer::cuda::fwd;
+namespace ref = binformer::test::attention_fwd_ref;
+
+namespace {
+
+struct Case {
+  std::string name;
+  int B = 1, H = 2, Nq = 100, Nk = 150, d = 64, dv = 64;
+  bool bf16 = false, causal = false;
+  double scale_mult = 1.0;
+  bool per_token_q = false;  // a_i per query (else per head)
+  double a_lo = 0.2, a_hi = 2.0;
+  bool negative = false;
+  bool relpos = false;
+  int wh = 0, ww = 0, prefix = 0;
+  double table_sigma = 1.0;
+  int copy_q_every = 0;  // > 0: key j = query j's signs for j % copy_q_every == 0 (dot = d)
+  uint32_t seed = 1;
+};
+
+template <class Tr>
+void entry(const FwdArgs& args) {
+  FwdBoundedBlock<Tr> block(args, fwd_emulation::smem_base());
+  block.run();
+}
+
+template <class Tr>
+void launch(FwdArgs args) {
+  args.num_m_blocks = (args.Nq + Tr::kBlockM - 1) / Tr::kBlockM;
+  size_t smem = Tr::kSmemFixed;
+  if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
+  bwd_emulation::launch(entry<Tr>, unsigned(args.num_m_blocks * args.B * args.H), unsigned(Tr::kThreads),
+                        smem, args);
+}
+
+template <int kDv, PvKind kPv, bool kRelPos>
+void dispatch(FwdArgs& args) {
+  if (args.d <= 64) launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos>>(args);
+  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos>>(args);
+  else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos>>(args);
+}
+
+template <PvKind kPv, bool kRelPos>
+void dispatch_dv(FwdArgs& args) {
+  if (args.dv == 64) dispatch<64, kPv, kRelPos>(args);
+  else if (args.dv == 32) dispatch<32, kPv, kRelPos>(args);
+  else if (args.dv == 72) dispatch<72, kPv, kRelPos>(args);
+  else if (args.dv == 128) dispatch<128, kPv, kRelPos>(args);
+  else std::abort();
+}
+
+template <int kBlockMDv64>
+int block_m_for(int dv) { return dv <= 64 ? kBlockMDv64 : 128; }
+
+bool run_case(const Case& c) {
+  std::mt19937 rng(c.seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> uni(0.0, 1.0);
+  const int B = c.B, H = c.H, Nq = c.Nq, Nk = c.Nk, d = c.d, dv = c.dv;
+  const int W = (d + 31) / 32;
+  // q as fp16 rows (packed in the kernel), k signs packed here, v fp16/bf16.
+  std::vector<uint16_t> q(size_t(B) * H * Nq * d);
+  std::vector<int8_t> qs(q.size()), ks(size_t(B) * H * Nk * d);
+  for (size_t i = 0; i < q.size(); ++i) {
+    const double x = normal(rng);
+    q[i] = binformer::test::float_to_half_bits(float(x));
+    qs[i] = x < 0 ? -1 : 1;
+  }
+  std::vector<uint16_t> kf(ks.size());  // fp16 K (the pre-pass input); exact zeros map to +1
+  for (size_t i = 0; i < ks.size(); ++i) {
+    const double x = uni(rng) < 0.03 ? 0.0 : normal(rng);
+    kf[i] = binformer::test::float_to_half_bits(float(x));
+    ks[i] = x < 0 ? -1 : 1;
+  }
+  if (c.copy_q_every > 0) {  // the largest possible scores: P reaches 2^kTop in the fixed path
+    for (int bh = 0; bh < B * H; ++bh)
+      for (int j = 0; j < std::min(Nq, Nk); j += c.copy_q_every)
+        for (int e = 0; e < d; ++e) {
+          const size_t kidx = (size_t(bh) * Nk + j) * d + e;
+          ks[kidx] = qs[(size_t(bh) * Nq + j) * d + e];
+          kf[kidx] = binformer::test::float_to_half_bits(ks[kidx] > 0 ? 1.0f : -1.0f);
+        }
+  }
+  std::vector<uint16_t> v(size_t(B) * H * Nk * dv);
+  std::vector<double> vd(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const float x = float(normal(rng));
+    v[i] = c.bf16 ? binformer::test::float_to_bf16_bits(x) : binformer::test::float_to_half_bits(x);
+    vd[i] = c.bf16 ? binformer::test::bf16_bits_to_double(v[i]) : binformer::test::half_bits_to_double(v[i]);
+  }
+  // row factors: per head or per query token; k_head per head
+  std::vector<float> qscale(c.per_token_q ? size_t(B) * H * Nq : size_t(B) * H), khead(size_t(B) * H);
+  auto factor = [&]() {
+    const double m = c.a_lo + (c.a_hi - c.a_lo) * uni(rng);
+    return float(c.negative && uni(rng) < 0.5 ? -m : m);
+  };
+  for (auto& x : qscale) x = factor();
+  for (auto& x : khead) x = factor();
+  std::vector<double> a_full(size_t(B) * H * Nq), b_full(size_t(B) * H * Nk);
+  for (int bh = 0; bh < B * H; ++bh) {
+    for (int i = 0; i < Nq; ++i) a_full[size_t(bh) * Nq + i] = qscale[c.per_token_q ? size_t(bh) * Nq + i : bh];
+    for (int j = 0; j < Nk; ++j) b_full[size_t(bh) * Nk + j] = khead[bh];
+  }
+  const int T = c.relpos ? (2 * c.wh - 1) * (2 * c.ww - 1) + 3 : 0;
+  std::vector<float> table(size_t(H) * T);
+  for (auto& x : table) x = float(c.table_sigma * normal(rng));
+  std::vector<double> table_d(table.begin(), table.end());
+
+  // K pre-pass on the host, as attention_fwd.cu's: signs flipped where the (per-head) k scale
+  // is negative, |b| is folded into the row factor by the kernel.
+  const int64_t nk_pad = (Nk + 127) / 128 * 128;
+  const int k_words = d <= 128 ? 4 : 8;
+  std::vector<uint32_t> k_bits(size_t(B) * H * nk_pad * k_words, 0u);
+  std::vector<float> colc(size_t(B) * H * nk_pad);
+  for (int bh = 0; bh < B * H; ++bh)
+    for (int j = 0; j < nk_pad; ++j) {
+      int pc = 0;
+      if (j < Nk) {
+        for (int e = 0; e < d; ++e) {
+          if ((ks[(size_t(bh) * Nk + j) * d + e] > 0) != (khead[bh] < 0)) {
+            k_bits[(size_t(bh) * nk_pad + j) * k_words + e / 32] |= 1u << (e % 32);
+            ++pc;
+          }
+        }
+      }
+      colc[size_t(bh) * nk_pad + j] = -(25165824.0f + 2.0f * float(pc));
+    }
+  std::vector<int> relpos_off(nk_pad, 0);
+  std::vector<float> range(size_t(H) * 2);
+  if (c.relpos) {
+    for (int j = c.prefix; j < Nk; ++j) {
+      const int pj = j - c.prefix;
+      relpos_off[j] = (pj / c.ww) * (2 * c.ww - 1) + pj % c.ww;
+    }
+    for (int h = 0; h < H; ++h) {
+      float mx = -INFINITY, mn = INFINITY;
+      for (int x = 0; x < T; ++x) {
+        mx = std::max(mx, table[size_t(h) * T + x]);
+        mn = std::min(mn, table[size_t(h) * T + x]);
+      }
+      range[2 * h] = mx;
+      range[2 * h + 1] = mn;
+    }
+  }
+  // The real pre-pass (emulated) must reproduce the host packing exactly.
+  {
+    std::vector<uint32_t> dev_bits(k_bits.size(), 0xA5A5A5A5u);
+    std::vector<float> dev_colc(colc.size(), NAN), dev_range(range.size(), NAN);
+    std::vector<int> dev_off(relpos_off.size(), -7);
+    PackKeysArgs pk{};
+    pk.k = kf.data();
+    pk.k_stride[2] = d; pk.k_stride[1] = int64_t(Nk) * d; pk.k_stride[0] = int64_t(H) * Nk * d;
+    pk.H = H; pk.Nk = Nk; pk.d = d; pk.k_words = k_words; pk.nk_pad = nk_pad;
+    pk.rows = int64_t(B) * H * nk_pad;
+    pk.pack_blocks = (pk.rows * 8 + kPackThreads - 1) / kPackThreads;
+    pk.k_scale = khead.data(); pk.k_scale_stride[0] = H; pk.k_scale_stride[1] = 1; pk.k_scale_stride[2] = 0;
+    pk.k_bits = dev_bits.data(); pk.k_colc = dev_colc.data();
+    pk.relpos_off = c.relpos ? dev_off.data() : nullptr;
+    pk.relpos_prefix = c.prefix; pk.relpos_ww = c.ww;
+    int64_t blocks = pk.pack_blocks;
+    if (c.relpos) {
+      pk.relpos_table = table.data(); pk.relpos_table_stride_h = T; pk.relpos_table_size = T;
+      pk.relpos_range = dev_range.data();
+      blocks += H;
+    }
+    bwd_emulation::launch(fwd_pack_keys_kernel<DType::kFloat16, true>, unsigned(blocks), unsigned(kPackThreads), 0, pk);
+    const bool same = dev_bits == k_bits && dev_colc == colc && (!c.relpos || (dev_off == relpos_off && dev_range == range));
+    if (!same) {
+      std::printf("FAIL %-28s the emulated K pre-pass differs from the host packing\n", c.name.c_str());
+      return false;
+    }
+  }
+  std::vector<uint16_t> out(size_t(B) * H * Nq * dv, 0xFFFFu);
+  std::vector<float> lse(size_t(B) * H * Nq, NAN);
+
+  FwdArgs args{};
+  args.B = B; args.H = H; args.Nq = Nq; args.Nk = Nk; args.d = d; args.dv = dv;
+  args.q_words = W; args.k_words = k_words;
+  args.q = q.data(); args.q_dtype = DType::kFloat16;
+  args.q_stride[2] = d; args.q_stride[1] = int64_t(Nq) * d; args.q_stride[0] = int64_t(H) * Nq * d;
+  args.q_vec_ok = true;
+  args.k_bits = k_bits.data(); args.k_colc = colc.data(); args.nk_pad = int(nk_pad);
+  args.relpos_off = c.relpos ? relpos_off.data() : nullptr;
+  args.v = v.data();
+  args.v_stride[2] = dv; args.v_stride[1] = int64_t(Nk) * dv; args.v_stride[0] = int64_t(H) * Nk * dv;
+  args.v_async_ok = true;
+  args.out = out.data(); args.out_dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
+  args.out_stride[2] = dv; args.out_stride[1] = int64_t(Nq) * dv; args.out_stride[0] = int64_t(H) * Nq * dv;
+  args.out_vec = 4;
+  args.lse = lse.data();
+  args.q_scale = qscale.data();
+  args.q_scale_stride[0] = c.per_token_q ? int64_t(H) * Nq : H;
+  args.q_scale_stride[1] = c.per_token_q ? Nq : 1;
+  args.q_scale_stride[2] = c.per_token_q ? 1 : 0;
+  args.k_scale_head = khead.data(); args.k_scale_head_stride[0] = H; args.k_scale_head_stride[1] = 1;
+  args.scale = float(c.scale_mult / std::sqrt(double(d)));
+  if (c.relpos) {
+    args.relpos_table = table.data(); args.relpos_table_stride_h = T;
+    args.relpos_wh = c.wh; args.relpos_ww = c.ww; args.relpos_prefix = c.prefix; args.relpos_table_size = T;
+    args.relpos_range = range.data();
+    const int bm = dv <= 64 ? 4 * 2 * 16 : 128;
+    int most = 0;
+    for (int m0 = 0; m0 < Nq; m0 += bm) most = std::max(most, fwd_relpos_window(m0, bm, Nq, c.prefix, c.wh, c.ww).len);
+    args.relpos_window = most + 3;
+  }
+  args.causal = c.causal;
+  if (c.bf16) {
+    c.relpos ? dispatch_dv<PvKind::kBF16, true>(args) : dispatch_dv<PvKind::kBF16, false>(args);
+  } else {
+    c.relpos ? dispatch_dv<PvKind::kF16, true>(args) : dispatch_dv<PvKind::kF16, false>(args);
+  }
+
+  ref::RefProblem p;
+  p.B = B; p.H = H; p.Nq = Nq; p.Nk = Nk; p.d = d; p.dv = dv;
+  p.q_sign = &qs; p.k_sign = &ks; p.v = &vd; p.a = &a_full; p.bk = &b_full;
+  if (c.relpos) { p.relpos = &table_d; p.wh = c.wh; p.ww = c.ww; p.prefix = c.prefix; }
+  p.scale = double(args.scale);
+  p.causal = c.causal;
+  ref::RefTolerance tol;
+  tol.p_rel = tol.out_rel = c.bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  tol.accum_rel = 1e-4;
+  tol.p_fp16_subnormal = !c.bf16;
+  const ref::RefResult r = ref::attention_reference(p, tol);
+  int64_t bad = 0;
+  double worst = 0;
+  std::string first;
+  for (size_t row = 0; row < size_t(B) * H * Nq; ++row) {
+    for (int ch = 0; ch < dv; ++ch) {
+      const uint16_t bits = out[row * dv + ch];
+      const double got = c.bf16 ? binformer::test::bf16_bits_to_double(bits) : binformer::test::half_bits_to_double(bits);
+      const double err = std::fabs(got - r.out[row * dv + ch]), t = r.tol[row * dv + ch];
+      const double ratio = std::isnan(got) ? 1e30 : err / t;
+      worst = std::max(worst, ratio);
+      if (!(err <= t) && bad++ == 0) {
+        first = "out[row " + std::to_string(row) + ", c " + std::to_string(ch) + "] = " + std::to_string(got) +
+                " want " + std::to_string(r.out[row * dv + ch]);
+      }
+    }
+    const double want = r.lse[row];
+    const bool ok = std::isinf(want) ? (std::isinf(lse[row]) && lse[row] < 0)
+                                     : std::fabs(lse[row] - want) <= 1e-4 + 1e-6 * std::fabs(want);
+    if (!ok && bad++ == 0) {
+      first = "lse[row " + std::to_string(row) + "] = " + std::to_string(lse[row]) + " want " + std::to_string(want);
+    }
+  }
+  const long long nf = fwd_emulation::tiles_fixed.exchange(0), no = fwd_emulation::tiles_online.exchange(0);
+  std::printf("%s %-28s worst err/tol %.3g, fixed-max tiles %.0f%%%s%s\n", bad ? "FAIL" : "PASS",
+              c.name.c_str(), worst, 100.0 * double(nf) / double(std::max(1LL, nf + no)),
+              bad ? "; first: " : "", first.c_str());
+  return bad == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  std::vector<Case> cases;
+  uint32_t seed = 11;
+  auto add = [&](Case c) { c.seed = seed++; cases.push_back(c); };
+  {  // a-priori fixed maximum (small scales), fp16 and bf16
+    Case c; c.name = "fixed_apriori_f16"; c.scale_mult = 0.4; c.Nq = 130; c.Nk = 300; add(c);
+    c.name = "fixed_apriori_bf16"; c.bf16 = true; add(c);
+  }
+  {  // scores at the a-priori bound (keys equal to queries): P = 2^kTop must not overflow
+    Case c; c.name = "top_f16"; c.scale_mult = 0.4; c.a_lo = 0.9; c.a_hi = 1.1; c.copy_q_every = 3;
+    c.Nq = 100; c.Nk = 260; add(c);
+    c.name = "top_bf16"; c.bf16 = true; add(c);
+    c.name = "top_f16_switch"; c.bf16 = false; c.scale_mult = 1.5; add(c);
+  }
+  {  // unit scales: the online first tile, then the switch
+    Case c; c.name = "switch_f16"; c.Nq = 140; c.Nk = 333; add(c);
+    c.name = "switch_bf16"; c.bf16 = true; add(c);
+    c.name = "switch_f16_causal"; c.bf16 = false; c.causal = true; c.Nq = 300; c.Nk = 300; add(c);
+  }
+  {  // large scales: online throughout (fp16), bf16 still switches
+    Case c; c.name = "online_f16"; c.scale_mult = 6.0; c.per_token_q = true; c.negative = true;
+    c.Nq = 70; c.Nk = 400; add(c);
+    c.name = "online_bf16"; c.bf16 = true; add(c);
+  }
+  {  // d variants (k128 with IMAD, k256) and value widths
+    Case c; c.name = "d128_dv64"; c.d = 128; c.Nq = 90; c.Nk = 200; add(c);
+    c.name = "d200_dv64"; c.d = 200; add(c);
+    c.name = "d32_dv32"; c.d = 32; c.dv = 32; add(c);
+    c.name = "d64_dv128"; c.d = 64; c.dv = 128; c.Nq = 140; c.Nk = 170; add(c);
+    c.name = "d72_dv72_causal"; c.d = 72; c.dv = 72; c.causal = true; c.Nq = 150; c.Nk = 150; add(c);
+  }
+  {  // rel-pos: cls / no cls, non-square, ViT-B-like, causal, several blocks
+    Case c; c.name = "relpos_7x7_cls"; c.relpos = true; c.wh = 7; c.ww = 7; c.prefix = 1;
+    c.Nq = c.Nk = 50; c.scale_mult = 0.5; c.table_sigma = 0.3; add(c);
+    c.name = "relpos_5x9"; c.wh = 5; c.ww = 9; c.prefix = 0; c.Nq = c.Nk = 45; c.scale_mult = 1.0;
+    c.table_sigma = 1.0; add(c);
+    c.name = "relpos_14x14_cls"; c.wh = 14; c.ww = 14; c.prefix = 1; c.Nq = c.Nk = 197; add(c);
+    c.name = "relpos_14x14_bf16"; c.bf16 = true; add(c);
+    c.name = "relpos_12x20_causal"; c.bf16 = false; c.wh = 12; c.ww = 20; c.prefix = 1;
+    c.Nq = c.Nk = 241; c.causal = true; add(c);
+    c.name = "relpos_9x9_dv128"; c.causal = false; c.wh = 9; c.ww = 9; c.Nq = c.Nk = 82; c.dv = 128; add(c);
+  }
+  bool all = true;
+  for (const Case& c : cases) {
+    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    all &= run_case(c);
+  }
+  return all ? 0 : 1;
+}

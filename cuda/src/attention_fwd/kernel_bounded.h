@@ -1,0 +1,590 @@
+// binformer forward attention, bounded-max kernel: fp16/bf16 V, no dense bias, no per-token
+// k scale (BinaryAttention's per-head scales, plain sign attention, with or without the rel-pos
+// bias). Shares the pipeline, Q fragments, P.V and epilogue with FwdBlock (kernel.h).
+//
+// Why a second kernel. With no dense bias and no per-token key factor every score is bounded
+// a priori: in log2 units s_ij log2(e) = c_i <q_i, k_j> + r_ij with c_i = |scale a_i b_head|
+// log2(e) >= 0 (sign folding, kernel.h), <q_i, k_j> <= d and r_ij <= rmax_h (the head's table
+// maximum, from the K pre-pass). The kernel works with the shifted score
+//   z_ij = c_i (<q_i, k_j> - d) + (r_ij - rmax_h) + kTop  <=  kTop,
+// so that 2^z never exceeds 2^kTop (2^15.75 for fp16 P, 2^32 for bf16 P). Once a row's maximum
+// z is known to reach kFloor (0 for fp16: the largest P of the row is >= 1, so fp16 subnormals
+// lose no more than with the usual max-subtracted P; -64 for bf16, whose exponent range is
+// fp32's), the row maximum is fixed at 0 for the rest of the row: P = 2^z directly, with no
+// FMNMX, no quad shuffles, no rescaling, and no dependency between the keys of a tile, which
+// lets every k16 key step run scores -> ex2 -> P.V on its own (the compiler interleaves the
+// MUFU work of one step with the tensor work of the next).
+//   - a priori (before the first key): when 2 c_i d + (rmax_h - rmin_h) <= kTop - kFloor, the
+//     smallest possible row maximum already reaches kFloor;
+//   - otherwise each warp starts with the online softmax of kernel.h (conditional rescaling, in
+//     z units, 32-key chunks) and switches for good as soon as every row's running maximum is
+//     >= kFloor (one rescale of the accumulator by 2^m). Rows that never get there (very large
+//     scales in fp16) keep the online path: the result is the same, only slower.
+// lse = (m + log2 l + c_i d + rmax_h log2(e) - kTop) ln 2 stays exact (fp32 row sum l).
+//
+// Per score element the fixed path executes (d <= 64, QK::kDup128, no rel-pos): FADD (column
+// constant), FFMA (row factor and row constant), MUFU.EX2, FADD (row sum), 1/2 F2FP, 1/4 b1 mma
+// and the P.V mma (6.4 SASS instructions per element, measured). The float conversion of the
+// popcount lives in the b1 mma's accumulator input: with d <= 64 the bits are duplicated into
+// both halves of the k128 product (lanes t and t + 2 load the same word), D = 2 p(q & k) + C
+// with C = the bits of 1.5 * 2^24 (the same for every element: a per-row C costs register
+// copies around every mma); in the binade [2^24, 2^25) one unit of the bits is 2, so
+//   __int_as_float(D) + colc_j = 1.5 * 2^24 + 4 p(q & k) - 1.5 * 2^24 - 2 p(k_j)   exactly,
+// with colc_j = -(1.5 * 2^24) - 2 p(k_j) from the K pre-pass, and the row's -2 p(q_i) joins the
+// FFMA's addend: z = fma(4 p(q&k) - 2 p(k_j), c_i, kTop - 2 c_i p(q_i)). With rel-pos the
+// addend is the table entry and -p(q_i) is added to the bits (one IADD); d > 64 (no room to
+// duplicate) rebuilds the bits with one IMAD: 2 p(q & k) + 0x4BC00000 - p(q_i).
+#pragma once
+#include "kernel.h"
+
+namespace binformer::cuda::fwd {
+
+template <class Tr>
+struct FwdBoundedBlock : FwdBlock<Tr, false> {
+  using Base = FwdBlock<Tr, false>;
+  using Base::a;
+  using Base::b;
+  using Base::bh;
+  using Base::g;
+  using Base::h;
+  using Base::l_run;
+  using Base::lane;
+  using Base::m0;
+  using Base::m_run;
+  using Base::o;
+  using Base::qa;
+  using Base::row_of;
+  using Base::rowc;
+  using Base::rowscale;
+  using Base::smem;
+  using Base::t;
+  using Base::warp_row0;
+  static constexpr int kMT = Base::kMT;
+  static constexpr int kRows = Base::kRows;
+  static constexpr int kBlockN = Base::kBlockN;
+  static constexpr int kBlockM = Base::kBlockM;
+  static constexpr int kThreads = Base::kThreads;
+  static constexpr float kLog2e = Base::kLog2e;
+  static constexpr float kInf = Base::kInf;
+
+  static constexpr QK kQK = Tr::kQK;
+  static constexpr bool kDup = kQK == QK::kDup128;
+  static constexpr bool kK256 = kQK == QK::kK256;
+  static constexpr bool kRelPos = Tr::kBoundedRelPos;
+  static constexpr bool kBF = Tr::kPv == PvKind::kBF16;
+  static constexpr int kKPitch = Tr::kKPitchWords;
+  // log2 of the largest P, and the value every row maximum must reach before it is fixed.
+  static constexpr float kTop = kBF ? 32.0f : 15.75f;
+  static constexpr float kFloor = kBF ? -64.0f : 0.0f;
+  static constexpr int kChunkNB = 4;  // the online path works on 32-key chunks (registers)
+  static_assert(kBlockN % (8 * kChunkNB) == 0, "whole online chunks per tile");
+  // Bytes of packed Q the fragments read per row: words 0-1 (kDup128), 0-3 (k128), 0-7 (k256).
+  static constexpr int kQBytes = kK256 ? 32 : (kQK == QK::kK128 ? 16 : 8);
+
+  float lse_shift[kRows];  // c_i d + rmax_h log2(e) - kTop: z units -> log2 units
+  float row_add[kRows];    // FFMA addend without rel-pos: kTop (- 2 c_i p(q_i) for kDup128)
+  bool fixed;              // warp-uniform: the row maxima are fixed at 0 (P = 2^z)
+  bool range_ok;           // the rel-pos range is finite (else z <= kTop is not guaranteed)
+  // Rel-pos: shared-memory byte address of the table entry for (row, key with off_j = 0), the
+  // byte step per unit of off_j (-4; 0 on the cls row), and the row's cls-column entry.
+  uint32_t rel_base[kRelPos ? kRows : 1];
+  int rel_mult[kRelPos ? kRows : 1];
+  float rel_cls_col[kRelPos ? kRows : 1];
+  int rel_len;  // patch entries of this block's table window (then the 3 cls entries)
+
+  __device__ __forceinline__ FwdBoundedBlock(const FwdArgs& args, unsigned char* smem_base)
+      : Base(args, smem_base) {}
+
+  // ============================================================================== driver
+  __device__ void run() {
+    const int tid = threadIdx.x;
+    lane = tid % 32;
+    g = lane / 4;
+    t = lane % 4;
+    warp_row0 = (tid / 32) * 16 * kMT;
+    bh = blockIdx.x / a.num_m_blocks;
+    int m_block = blockIdx.x % a.num_m_blocks;
+    if (a.causal) m_block = a.num_m_blocks - 1 - m_block;  // longest rows first
+    b = bh / a.H;
+    h = bh % a.H;
+    m0 = m_block * kBlockM;
+
+    int n_tiles = ceil_div_c(a.Nk, kBlockN);
+    if (a.causal) n_tiles = min(n_tiles, ceil_div_c(min(a.Nq, m0 + kBlockM), kBlockN));
+    int first_masked = n_tiles;
+    if (a.Nk % kBlockN != 0) first_masked = min(first_masked, a.Nk / kBlockN);
+    if (a.causal) first_masked = min(first_masked, m0 / kBlockN);
+
+    // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
+    if constexpr (kRelPos) issue_table_window(tid);
+#pragma unroll
+    for (int s = 0; s < Tr::kStages - 1; ++s) {
+      if (s < n_tiles) load_tile(s, n_tiles - 1 - s, tid, n_tiles - 1 - s >= first_masked);
+      cp_async_commit();
+    }
+    prologue(tid);
+
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) l_run[r] = 0.0f;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.0f;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      cp_async_wait<Tr::kStages - 2>();
+      __syncthreads();  // tile `it` landed for every thread; stage (it-1) % kStages is free
+      const int next = it + Tr::kStages - 1;
+      if (next < n_tiles) {
+        load_tile(next % Tr::kStages, n_tiles - 1 - next, tid, n_tiles - 1 - next >= first_masked);
+      }
+      cp_async_commit();
+      const int n_tile = n_tiles - 1 - it;
+      const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
+      const int key0 = n_tile * kBlockN;
+#if defined(BINFORMER_FWD_HOST_EMULATION)
+      fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
+#endif
+      if (n_tile >= first_masked) {
+        // n8 blocks at or past warp_limit are masked for every row of the warp.
+        int warp_limit = a.Nk - key0;
+        if (a.causal) warp_limit = min(warp_limit, m0 + warp_row0 + 16 * kMT - key0);
+        if (fixed) {
+          fixed_tile<true>(st, key0, warp_limit);
+        } else {
+          online_tile<true>(st, key0, warp_limit);
+        }
+      } else {
+        if (fixed) {
+          fixed_tile<false>(st, key0, kBlockN);
+        } else {
+          online_tile<false>(st, key0, kBlockN);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) m_run[r] += lse_shift[r];  // the epilogue's lse in log2 units
+    this->epilogue();
+  }
+
+  // ============================================================================== loads
+  // One key tile: K bits (the k128 kernels know k_words = 4: 16-byte rows), the column
+  // constants, the rel-pos column offsets, V (rows past Nk zero-filled only in masked tiles).
+  __device__ __forceinline__ void load_tile(int stage, int n_tile, int tid, bool check_keys) {
+    unsigned char* st = smem + stage * Tr::kStageBytes;
+    const uint32_t st_addr = smem_u32(st);
+    const int key0 = n_tile * kBlockN;
+    const int64_t krow0 = int64_t(bh) * a.nk_pad + key0;
+    if constexpr (kK256) {
+      const uint32_t* k_src = a.k_bits + krow0 * 8;
+      Base::template copy_chunks<2 * kBlockN>(tid, [&](int c) {
+        cp_async_16(st_addr + Tr::kOffKBits + (c / 2) * 48 + (c % 2) * 16, k_src + 4 * c, 16);
+      });
+    } else {
+      const uint32_t* k_src = a.k_bits + krow0 * 4;
+      Base::template copy_chunks<kBlockN>(tid, [&](int c) {
+        cp_async_16(st_addr + Tr::kOffKBits + c * 16, k_src + 4 * c, 16);
+      });
+    }
+    Base::template copy_chunks<kBlockN / 4>(tid, [&](int c) {
+      cp_async_16(st_addr + Tr::kOffColc + c * 16, a.k_colc + krow0 + 4 * c, 16);
+      if constexpr (kRelPos) {
+        cp_async_16(st_addr + Tr::kOffRelOff + c * 16, a.relpos_off + key0 + 4 * c, 16);
+      }
+    });
+    const char* v_head = static_cast<const char*>(a.v) +
+                         (int64_t(b) * a.v_stride[0] + int64_t(h) * a.v_stride[1]) * 2;
+    const int64_t v_row_bytes = a.v_stride[2] * 2;
+    Base::template copy_chunks<kBlockN * Tr::kVChunks>(tid, [&](int c) {
+      const int row = c / Tr::kVChunks, chunk = c % Tr::kVChunks;
+      const int key = key0 + row;
+      int bytes = 16;
+      if constexpr (Tr::kDvMasked) bytes = max(0, min(16, a.dv * 2 - chunk * 16));
+      if (check_keys && key >= a.Nk) bytes = 0;
+      const char* src = bytes > 0 ? v_head + int64_t(key) * v_row_bytes + chunk * 16 : v_head;
+      const int dst = Tr::kOffV + row * Tr::kVPitch + chunk * 16;
+      if (a.v_async_ok) {
+        cp_async_16(st_addr + dst, src, bytes);
+      } else {
+        Base::copy_16_sync(st + dst, src, bytes);
+      }
+    });
+  }
+
+  // Shared-memory rel-pos table of this block: the patch entries its rows can reach (table rows
+  // y_lo .. y_hi + Wh - 1, see fwd_relpos_window), then the entries T-3, T-2, T-1 (cls row, cls
+  // column, cls-cls). Copied with 4-byte cp.async (any alignment) in its own group.
+  __device__ __forceinline__ void issue_table_window(int tid) {
+    const RelPosWindow w = fwd_relpos_window(m0, kBlockM, a.Nq, a.relpos_prefix, a.relpos_wh,
+                                             a.relpos_ww);
+    rel_len = w.len;
+    const float* table = a.relpos_table + int64_t(h) * a.relpos_table_stride_h;
+    const uint32_t dst = smem_u32(smem + Tr::kSmemFixed);
+    const int tsize = a.relpos_table_size;
+    for (int idx = tid; idx < w.len + 3; idx += kThreads) {
+      const int entry = idx < w.len ? w.first + idx : tsize - 3 + (idx - w.len);
+      cp_async_4(dst + 4u * uint32_t(idx), table + entry);
+    }
+    cp_async_commit();
+  }
+
+  // ============================================================================== prologue
+  // Q signs -> shared memory (one byte of 8 signs per load, all loads of a thread in flight
+  // together), the rel-pos window to z units, then the fragments and the row constants.
+  __device__ __forceinline__ void prologue(int tid) {
+    const bool vec = a.q_vec_ok;
+    switch (a.q_dtype) {
+      case DType::kFloat16: vec ? pack_q<DType::kFloat16, true>(tid) : pack_q<DType::kFloat16, false>(tid); break;
+      case DType::kBFloat16: vec ? pack_q<DType::kBFloat16, true>(tid) : pack_q<DType::kBFloat16, false>(tid); break;
+      case DType::kFloat32: vec ? pack_q<DType::kFloat32, true>(tid) : pack_q<DType::kFloat32, false>(tid); break;
+      default: pack_q<DType::kBits, false>(tid); break;
+    }
+    float rmax2 = 0.0f, rmin2 = 0.0f;  // the head's table range in log2 units
+    range_ok = true;
+    if constexpr (kRelPos) {
+      rmax2 = __ldg(a.relpos_range + 2 * h) * kLog2e;
+      rmin2 = __ldg(a.relpos_range + 2 * h + 1) * kLog2e;
+      // A non-finite table (the Python layer rejects those) keeps the online path throughout,
+      // with an unshifted table (-inf - -inf would be NaN).
+      range_ok = fabsf(rmax2) < kInf && fabsf(rmin2) < kInf;
+      if (!range_ok) rmax2 = rmin2 = 0.0f;
+      // z-unit table: t * log2(e) - rmax + kTop. Each thread converts the entries it copied
+      // itself (its own cp.async group is complete after this wait); the barrier below
+      // publishes them.
+      cp_async_wait<Tr::kStages - 1>();
+      float* tab = reinterpret_cast<float*>(smem + Tr::kSmemFixed);
+      const float add = kTop - rmax2;
+      for (int idx = tid; idx < rel_len + 3; idx += kThreads) tab[idx] = fmaf(tab[idx], kLog2e, add);
+    }
+    __syncthreads();
+
+    const uint32_t* sq = reinterpret_cast<const uint32_t*>(smem + Tr::kOffQ);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      const int lo = warp_row0 + mt * 16 + g, hi = lo + 8;
+      // popcounts from words t and t + 4 (all 8 words, zero past d), then the fragment words
+      int pop_lo = __popc(sq[lo * 8 + t]) + __popc(sq[lo * 8 + t + 4]);
+      int pop_hi = __popc(sq[hi * 8 + t]) + __popc(sq[hi * 8 + t + 4]);
+      pop_lo += __shfl_xor_sync(0xffffffffu, pop_lo, 1);
+      pop_lo += __shfl_xor_sync(0xffffffffu, pop_lo, 2);
+      pop_hi += __shfl_xor_sync(0xffffffffu, pop_hi, 1);
+      pop_hi += __shfl_xor_sync(0xffffffffu, pop_hi, 2);
+      const int w0 = kDup ? (t & 1) : t;  // kDup128: words 0, 1, 0, 1 across the quad
+      qa[mt][0] = sq[lo * 8 + w0];
+      qa[mt][1] = sq[hi * 8 + w0];
+      qa[mt][2] = sq[lo * 8 + t + 4];
+      qa[mt][3] = sq[hi * 8 + t + 4];
+      // Added to the mma result bits (see the header): kDup128 already carries 1.5 * 2^24 in
+      // the mma's C and, without rel-pos, its -2 p(q_i) in row_add.
+      rowc[2 * mt] = (kDup ? 0 : 0x4BC00000) - pop_lo;
+      rowc[2 * mt + 1] = (kDup ? 0 : 0x4BC00000) - pop_hi;
+    }
+
+    const float k_head = a.k_scale_head != nullptr
+                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
+                                     int64_t(h) * a.k_scale_head_stride[1])
+                             : 1.0f;
+    const float* tab = reinterpret_cast<const float*>(smem + Tr::kSmemFixed);
+    const uint32_t tab_addr = smem_u32(tab);
+    bool start_fixed = true;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = row_of(r);
+      const int i = min(row, a.Nq - 1);
+      const float c = fabsf(a.scale * this->query_factor(i) * k_head) * kLog2e;
+      rowscale[r] = c;
+      row_add[r] = kDup && !kRelPos ? fmaf(2.0f * float(rowc[r]), c, kTop) : kTop;
+      lse_shift[r] = fmaf(c, float(a.d), rmax2 - kTop);
+      // The smallest possible row maximum: every dot product -d, every table entry rmin.
+      const float z_lowest = fmaf(-2.0f * float(a.d), c, kTop - (rmax2 - rmin2));
+      const bool finite = fabsf(lse_shift[r]) < kInf;  // false for inf / NaN factors
+      start_fixed &= row >= a.Nq || (range_ok && finite && z_lowest >= kFloor + 0.0625f);
+      if constexpr (kRelPos) {
+        const int wh = a.relpos_wh, ww = a.relpos_ww;
+        if (i >= a.relpos_prefix) {
+          const int p = i - a.relpos_prefix, y = p / ww, x = p % ww;
+          const RelPosWindow w = fwd_relpos_window(m0, kBlockM, a.Nq, a.relpos_prefix, wh, ww);
+          const int entry = (y + wh - 1) * (2 * ww - 1) + x + ww - 1 - w.first;
+          rel_base[r] = tab_addr + 4u * uint32_t(entry);
+          rel_mult[r] = -4;
+          rel_cls_col[r] = tab[rel_len + 1];
+        } else {  // the cls row: entry T-3 for every patch key, T-1 for the cls key
+          rel_base[r] = tab_addr + 4u * uint32_t(rel_len);
+          rel_mult[r] = 0;
+          rel_cls_col[r] = tab[rel_len + 2];
+        }
+      }
+    }
+    fixed = __all_sync(0xffffffffu, start_fixed);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) m_run[r] = fixed ? 0.0f : -kInf;
+  }
+
+  // Sign bytes of the block's Q rows: row r's 32-byte slot holds 8 words; bytes past d (and
+  // rows past Nq) are zero. Rows with scale * a_i < 0 get their d bits flipped.
+  template <DType kDtype, bool kVec>
+  __device__ __forceinline__ void pack_q(int tid) {
+    unsigned char* sq = smem + Tr::kOffQ;
+    const int q_elem = kDtype == DType::kFloat32 || kDtype == DType::kBits ? 4 : 2;
+    const char* q_head = static_cast<const char*>(a.q) +
+                         (int64_t(b) * a.q_stride[0] + int64_t(h) * a.q_stride[1]) * q_elem;
+    const int d_bytes = a.d / 8;
+    constexpr int kTotal = kBlockM * kQBytes;
+    static_assert(kTotal % kThreads == 0, "whole Q-byte rounds");
+#pragma unroll
+    for (int it = 0; it < kTotal / kThreads; ++it) {
+      const int idx = tid + it * kThreads;
+      const int r = idx / kQBytes, c = idx % kQBytes, i = m0 + r;
+      uint32_t byte = 0;
+      if (i < a.Nq && c < d_bytes) {
+        byte = load_sign_byte(q_head + int64_t(i) * a.q_stride[2] * q_elem, kDtype, c, kVec);
+        if (a.scale * this->query_factor(i) < 0.0f) byte ^= 0xFFu;
+      }
+      sq[r * 32 + c] = static_cast<unsigned char>(byte);
+    }
+    // Words past kQBytes are read for the popcount (always zero: write them).
+    if constexpr (kQBytes < 32) {
+      constexpr int kZeroWords = (32 - kQBytes) / 4;
+      uint32_t* sq32 = reinterpret_cast<uint32_t*>(sq);
+      for (int idx = tid; idx < kBlockM * kZeroWords; idx += kThreads) {
+        sq32[(idx / kZeroWords) * 8 + kQBytes / 4 + idx % kZeroWords] = 0u;
+      }
+    }
+  }
+
+  // ============================================================================== scores
+  // z for the n8 key block nb of the tile (elements as the m16n8 C fragment), -inf where masked.
+  template <bool kMask>
+  __device__ __forceinline__ void scores_nb(float (&z)[kMT][4], const unsigned char* st, int nb,
+                                            int key0) const {
+    const uint32_t* krow = reinterpret_cast<const uint32_t*>(st + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
+    int pc[kMT][4];
+    if constexpr (kDup) {
+      const uint32_t kb = krow[t & 1];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_and_popc_k128_c(pc[mt], qa[mt][0], qa[mt][1], kb, 0x4BC00000, 0x4BC00000);
+      }
+    } else if constexpr (kK256) {
+      const uint32_t kb0 = krow[t], kb1 = krow[t + 4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) mma_and_popc_k256(pc[mt], qa[mt], kb0, kb1);
+    } else {
+      const uint32_t kb0 = krow[t];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) mma_and_popc_k128(pc[mt], qa[mt][0], qa[mt][1], kb0);
+    }
+    const float2 cc = *reinterpret_cast<const float2*>(
+        reinterpret_cast<const float*>(st + Tr::kOffColc) + nb * 8 + 2 * t);
+    int2 off = make_int2(0, 0);
+    if constexpr (kRelPos) {
+      off = *reinterpret_cast<const int2*>(reinterpret_cast<const int*>(st + Tr::kOffRelOff) +
+                                           nb * 8 + 2 * t);
+    }
+    // Only lanes t == 0 of the first n8 block of tile 0 hold the cls key (element e = 0, 2).
+    const bool cls_key = kRelPos && nb == 0 && key0 == 0 && t == 0 && a.relpos_prefix > 0;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 2 * mt + e / 2;
+        int bits;
+        if constexpr (kDup) {
+          bits = kRelPos ? pc[mt][e] + rowc[r] : pc[mt][e];
+        } else {
+          bits = pc[mt][e] * 2 + rowc[r];
+        }
+        // <q_i, k_j> - d (kDup128 without rel-pos: + 2 p(q_i), which row_add takes back)
+        const float y = __int_as_float(bits) + ((e & 1) ? cc.y : cc.x);
+        float add = row_add[r];
+        if constexpr (kRelPos) {
+          add = lds_f32(rel_base[r] + uint32_t(rel_mult[r] * ((e & 1) ? off.y : off.x)));
+          if ((e & 1) == 0 && nb == 0) add = cls_key ? rel_cls_col[r] : add;
+        }
+        float x = fmaf(y, rowscale[r], add);
+        if (kMask) {
+          const int j = key0 + nb * 8 + 2 * t + (e & 1);
+          const bool ok = j < a.Nk && (!a.causal || j <= row_of(r));
+          x = ok ? x : -kInf;
+        }
+        z[mt][e] = x;
+      }
+    }
+  }
+
+  // ============================================================================== fixed max
+  // P = 2^z, streamed one k16 key step at a time.
+  template <bool kMask>
+  __device__ __forceinline__ void fixed_tile(const unsigned char* st, int key0, int warp_limit) {
+    const uint32_t v_lane = this->v_lane_addr(st);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      if (kMask && kk * 16 >= warp_limit) break;
+      float p[kMT][2][4];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int nb = 2 * kk + hf;
+        if (kMask && nb * 8 >= warp_limit) {
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[mt][hf][e] = 0.0f;
+          continue;
+        }
+        float z[kMT][4];
+        scores_nb<kMask>(z, st, nb, key0);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float pe = ex2_approx(z[mt][e]);  // masked: 2^-inf = 0
+            p[mt][hf][e] = pe;
+            l_run[2 * mt + e / 2] += pe;
+          }
+      }
+      pv_step(p, v_lane + kk * 16 * Tr::kVPitch);
+    }
+  }
+
+  __device__ __forceinline__ void pv_step(const float (&p)[kMT][2][4], uint32_t v_rows) {
+    uint32_t pa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      pa[mt][0] = pack_pair<kBF>(p[mt][0][0], p[mt][0][1]);
+      pa[mt][1] = pack_pair<kBF>(p[mt][0][2], p[mt][0][3]);
+      pa[mt][2] = pack_pair<kBF>(p[mt][1][0], p[mt][1][1]);
+      pa[mt][3] = pack_pair<kBF>(p[mt][1][2], p[mt][1][3]);
+    }
+    this->pv_f16_step(pa, v_rows);
+  }
+
+  // ============================================================================== online max
+  // kernel.h's online softmax in z units, on 32-key chunks; after the tile, the switch to the
+  // fixed maximum when every row's running maximum reached kFloor.
+  template <bool kMask>
+  __device__ __forceinline__ void online_tile(const unsigned char* st, int key0, int warp_limit) {
+    const uint32_t v_lane = this->v_lane_addr(st);
+#pragma unroll
+    for (int ch = 0; ch < kBlockN / (8 * kChunkNB); ++ch) {
+      if (kMask && ch * 8 * kChunkNB >= warp_limit) break;
+      float s[kMT][kChunkNB][4];
+      float tile_max[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) tile_max[r] = -kInf;
+#pragma unroll
+      for (int q = 0; q < kChunkNB; ++q) {
+        const int nb = ch * kChunkNB + q;
+        if (kMask && nb * 8 >= warp_limit) {
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][q][e] = -kInf;
+          continue;
+        }
+        float z[kMT][4];
+        scores_nb<kMask>(z, st, nb, key0);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][q][e] = z[mt][e];
+            tile_max[2 * mt + e / 2] = fmaxf(tile_max[2 * mt + e / 2], z[mt][e]);
+          }
+      }
+      update_max(tile_max);
+      float m_sub[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) m_sub[r] = m_run[r] == -kInf ? 0.0f : m_run[r];
+#pragma unroll
+      for (int kk = 0; kk < kChunkNB / 2; ++kk) {
+        if (kMask && ch * 8 * kChunkNB + kk * 16 >= warp_limit) break;
+        float p[kMT][2][4];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * mt + e / 2;
+              const float pe = ex2_approx(s[mt][2 * kk + hf][e] - m_sub[r]);
+              p[mt][hf][e] = pe;
+              l_run[r] += pe;
+            }
+        pv_step(p, v_lane + (ch * kChunkNB / 2 + kk) * 16 * Tr::kVPitch);
+      }
+    }
+    try_fix_max();
+  }
+
+  // Running maxima over the quad; the accumulator is rescaled only when a row maximum grew by
+  // more than the threshold since its last move (kernel.h's conditional rescaling).
+  __device__ __forceinline__ void update_max(float (&tile_max)[kRows]) {
+    constexpr float kThreshold = BINFORMER_FWD_RESCALE_THRESHOLD;
+    float m_old[kRows];
+    bool moved[kRows];
+    bool any = false;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = tile_max[r];
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx);
+      moved[r] = m_new > m_run[r] + kThreshold;
+      m_old[r] = m_run[r];
+      if (moved[r]) m_run[r] = m_new;
+      any |= moved[r];
+    }
+    if (__any_sync(0xffffffffu, any)) {
+      float factor[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) factor[r] = moved[r] ? ex2_approx(m_old[r] - m_run[r]) : 1.0f;
+      rescale(factor);
+    }
+  }
+
+  __device__ __forceinline__ void rescale(const float (&factor)[kRows]) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) l_run[r] *= factor[r];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mt][nd][e] *= factor[2 * mt + e / 2];
+  }
+
+  // Fix the maxima at 0 once every (stored) row's running maximum is >= kFloor: the
+  // accumulator and row sum move from units of 2^m_run to units of 2^0 (factor 2^m_run <=
+  // 2^kTop). Rows past Nq are never stored and take no part in the vote.
+  __device__ __forceinline__ void try_fix_max() {
+    bool ok = true;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      ok &= row_of(r) >= a.Nq || (range_ok && m_run[r] >= kFloor && fabsf(lse_shift[r]) < kInf);
+    }
+    if (__all_sync(0xffffffffu, ok)) {
+      float factor[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        factor[r] = ex2_approx(m_run[r]);  // rows past Nq: possibly 2^-inf = 0, never stored
+        m_run[r] = 0.0f;
+      }
+      rescale(factor);
+      fixed = true;
+    }
+  }
+};
+
+#if !defined(BINFORMER_FWD_HOST_EMULATION)  // (the emulator runs the block directly)
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
+    attention_fwd_bounded_kernel(const __grid_constant__ FwdArgs args) {
+  extern __shared__ __align__(128) unsigned char fwd_smem[];
+  FwdBoundedBlock<Tr> block(args, fwd_smem);
+  block.run();
+}
+#endif
+
+}  // namespace binformer::cuda::fwd

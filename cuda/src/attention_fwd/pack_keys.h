@@ -1,0 +1,133 @@
+// The forward K pre-pass kernel (launched by attention_fwd.cu; a header so that the host
+// emulator in host_emulation/ runs the same source).
+#pragma once
+#include <cstdint>
+
+#include "binformer/params.h"
+#include "sign_pack.h"
+
+namespace binformer::cuda::fwd {
+
+inline constexpr int kPackThreads = 256;
+
+// ------------------------------------------------------------------ K pre-pass
+// Packs every key row once (instead of once per query block): signs (flipped where the key's
+// scale factor is negative), the popcount correction constant, |k_scale| and the rel-pos column
+// offsets; with a rel-pos table, H extra blocks write each head's table maximum and minimum.
+// 8 lanes per row; lane c owns the sign bytes c, c + 8 (, c + 16, c + 24) of the k_words-word
+// row (zero past d). Each byte is one 16-byte load of 16-bit K (two of fp32), all of a thread's
+// loads are issued together and 8 lanes read a row's 128 contiguous bytes (d = 64, fp16): the
+// pass runs at memory bandwidth. Rows past Nk are written as zero rows.
+struct PackKeysArgs {
+  const void* k;
+  int64_t k_stride[3];
+  int H, Nk, d, k_words;
+  int64_t nk_pad, rows, pack_blocks;
+  const float* k_scale;
+  int64_t k_scale_stride[3];
+  uint32_t* k_bits;
+  float* k_colc;
+  float* k_scale_abs;
+  int* relpos_off;
+  int relpos_prefix, relpos_ww;
+  const float* relpos_table;  // with relpos_range: the extra blocks' input / output
+  int64_t relpos_table_stride_h;
+  int relpos_table_size;
+  float* relpos_range;
+};
+
+__device__ void relpos_range_block(const PackKeysArgs& a, int h) {
+  __shared__ float part[2][kPackThreads / 32];
+  const float* table = a.relpos_table + int64_t(h) * a.relpos_table_stride_h;
+  float mx = -__builtin_huge_valf(), mn = __builtin_huge_valf();
+  for (int idx = threadIdx.x; idx < a.relpos_table_size; idx += kPackThreads) {
+    const float v = __ldg(table + idx);
+    mx = fmaxf(mx, v);
+    mn = fminf(mn, v);
+  }
+#pragma unroll
+  for (int sh = 16; sh >= 1; sh /= 2) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, sh));
+    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, sh));
+  }
+  if (threadIdx.x % 32 == 0) {
+    part[0][threadIdx.x / 32] = mx;
+    part[1][threadIdx.x / 32] = mn;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kPackThreads / 32; ++w) {
+      mx = fmaxf(mx, part[0][w]);
+      mn = fminf(mn, part[1][w]);
+    }
+    a.relpos_range[2 * h] = mx;
+    a.relpos_range[2 * h + 1] = mn;
+  }
+}
+
+template <DType kDtype, bool kVec>
+__global__ void __launch_bounds__(kPackThreads)
+    fwd_pack_keys_kernel(const __grid_constant__ PackKeysArgs a) {
+  if (int64_t(blockIdx.x) >= a.pack_blocks) {
+    relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
+    return;
+  }
+  const int64_t gid = int64_t(blockIdx.x) * kPackThreads + threadIdx.x;
+  const int64_t row = gid / 8;
+  const int c = int(gid % 8);
+  const bool active = row < a.rows;
+  const int d_bytes = a.d / 8;
+  int64_t bh = 0;
+  int j = 0;
+  uint32_t bytes[4] = {0u, 0u, 0u, 0u};
+  float bj = 1.0f;
+  if (active) {
+    bh = row / a.nk_pad;
+    j = int(row % a.nk_pad);
+    const int64_t b = bh / a.H, h = bh % a.H;
+    if (j < a.Nk) {
+      if (a.k_scale != nullptr) {
+        bj = __ldg(a.k_scale + b * a.k_scale_stride[0] + h * a.k_scale_stride[1] +
+                   int64_t(j) * a.k_scale_stride[2]);
+      }
+      const int esize = kDtype == DType::kFloat16 || kDtype == DType::kBFloat16 ? 2 : 4;
+      const char* k_row = static_cast<const char*>(a.k) +
+                          (b * a.k_stride[0] + h * a.k_stride[1] + int64_t(j) * a.k_stride[2]) * esize;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (c + 8 * q < d_bytes) bytes[q] = load_sign_byte(k_row, kDtype, c + 8 * q, kVec);
+      }
+      const uint32_t flip = bj < 0.0f ? 0xFFu : 0u;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (c + 8 * q < d_bytes) bytes[q] ^= flip;
+      }
+    }
+  }
+  // Row popcount over the row's 8 lanes (rows never straddle an 8-lane group).
+  int pc = __popc(bytes[0]) + __popc(bytes[1]) + __popc(bytes[2]) + __popc(bytes[3]);
+  pc += __shfl_xor_sync(0xffffffffu, pc, 1);
+  pc += __shfl_xor_sync(0xffffffffu, pc, 2);
+  pc += __shfl_xor_sync(0xffffffffu, pc, 4);
+  if (!active) return;
+  unsigned char* kb = reinterpret_cast<unsigned char*>(a.k_bits) + row * a.k_words * 4;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (q < a.k_words / 2) kb[c + 8 * q] = static_cast<unsigned char>(bytes[q]);
+  }
+  if (c == 0) {
+    // -(1.5 * 2^24) - 2 p(k_j): exact in fp32 (2-unit steps in that binade), see kernel.h.
+    a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));
+    if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = j < a.Nk ? fabsf(bj) : 0.0f;
+  }
+  if (c == 1 && a.relpos_off != nullptr && bh == 0) {
+    int off = 0;
+    if (j < a.Nk && j >= a.relpos_prefix) {
+      const int pj = j - a.relpos_prefix;
+      off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
+    }
+    a.relpos_off[j] = off;
+  }
+}
+
+}  // namespace binformer::cuda::fwd
