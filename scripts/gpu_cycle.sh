@@ -11,6 +11,7 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/cycle.log"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+{ command -v g++; g++ --version | head -1; python3 -c "import torch, re; print(sorted(set(l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l)))"; } > "$OUT/toolchain.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 if [[ $steps == *" build "* ]]; then
   log "build: CUDA library + gtest (sm_90a, every instantiation)"

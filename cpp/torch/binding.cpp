@@ -12,34 +12,34 @@ namespace {
 bool is_float_dtype(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 
 void check_defined(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  BINFORMER_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
 }
 
 void check_rank(const at::Tensor& t, int64_t rank, const char* op, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be ", rank, "-D ", layout, ", got shape ", t.sizes());
+  BINFORMER_CHECK(t.dim() == rank, op, ": ", name, " must be ", rank, "-D ", layout, ", got shape ", t.sizes());
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                        const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+  BINFORMER_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all tensors must be on one device");
 }
 
 // The kernels read every row as one contiguous run of elements (q/k bits, v, bias rows).
 void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": the last dim of ", name,
+  BINFORMER_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": the last dim of ", name,
               " must be contiguous (stride 1), got strides ", t.strides(), " for shape ", t.sizes(),
               "; call .contiguous() first");
 }
 
 void check_head_dim(int64_t d, const char* op, const char* what) {
-  TORCH_CHECK(d >= 8 && d <= kMaxHeadDim && d % 8 == 0, op, ": ", what, " must be a multiple of 8 in [8, ",
+  BINFORMER_CHECK(d >= 8 && d <= kMaxHeadDim && d % 8 == 0, op, ": ", what, " must be a multiple of 8 in [8, ",
               kMaxHeadDim, "], got ", d);
 }
 
 // Packed bits: one int32 word per 32 sign bits of a row, so the width is fixed by head_dim.
 void check_packed_width(const at::Tensor& t, int64_t d, const char* op, const char* name) {
-  TORCH_CHECK(t.size(-1) == words_for(static_cast<int>(d)), op, ": ", name,
+  BINFORMER_CHECK(t.size(-1) == words_for(static_cast<int>(d)), op, ": ", name,
               " holds packed sign bits, so its last dim must be ceil(head_dim / 32) = ",
               words_for(static_cast<int>(d)), " for head_dim = ", d, ", got ", t.size(-1));
 }
@@ -53,7 +53,7 @@ at::Tensor broadcast_to(const at::Tensor& t, at::IntArrayRef shape, const char* 
     const int64_t have = t.size(-i), want = shape[shape.size() - i];
     ok = have == want || have == 1;
   }
-  TORCH_CHECK(ok, op, ": ", name, " of shape ", t.sizes(), " does not broadcast to ", shape_name, " = ", shape);
+  BINFORMER_CHECK(ok, op, ": ", name, " of shape ", t.sizes(), " does not broadcast to ", shape_name, " = ", shape);
   return t.expand(shape);
 }
 
@@ -78,7 +78,7 @@ OptionalInputs prepare_optional_inputs(const char* op, const at::Tensor& q, int6
   OptionalInputs o;
   auto scale_view = [&](const std::optional<at::Tensor>& s, int64_t N, const char* name, const char* shape_name) {
     if (!s.has_value() || !s->defined()) return at::Tensor();
-    TORCH_CHECK(at::isFloatingType(s->scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+    BINFORMER_CHECK(at::isFloatingType(s->scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
                 s->scalar_type());
     check_same_device(*s, q, op, name, "q");
     // Converted to fp32 (the kernels' type for the per-row factors) before the broadcast, so
@@ -90,9 +90,9 @@ OptionalInputs prepare_optional_inputs(const char* op, const at::Tensor& q, int6
 
   if (bias.has_value() && bias->defined()) {
     at::Tensor b = *bias;
-    TORCH_CHECK(is_float_dtype(b.scalar_type()), op, ": bias must be fp32, fp16 or bf16, got ", b.scalar_type());
+    BINFORMER_CHECK(is_float_dtype(b.scalar_type()), op, ": bias must be fp32, fp16 or bf16, got ", b.scalar_type());
     check_same_device(b, q, op, "bias", "q");
-    TORCH_CHECK(b.dim() <= 4, op, ": bias must have at most 4 dims (it broadcasts to [B, H, Nq, Nk]), got shape ",
+    BINFORMER_CHECK(b.dim() <= 4, op, ": bias must have at most 4 dims (it broadcasts to [B, H, Nq, Nk]), got shape ",
                 b.sizes());
     if (b.dim() == 0) b = b.reshape({1});
     broadcast_to(b, {B, H, Nq, Nk}, op, "bias", "[B, H, Nq, Nk]");  // shape check only
@@ -109,27 +109,27 @@ OptionalInputs prepare_optional_inputs(const char* op, const at::Tensor& q, int6
 
   if (rel_pos_table.has_value() && rel_pos_table->defined()) {
     const at::Tensor& t = *rel_pos_table;
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": rel_pos_table must be a floating-point tensor, got ",
+    BINFORMER_CHECK(at::isFloatingType(t.scalar_type()), op, ": rel_pos_table must be a floating-point tensor, got ",
                 t.scalar_type());
     check_same_device(t, q, op, "rel_pos_table", "q");
-    TORCH_CHECK(rel_pos_wh >= 1 && rel_pos_ww >= 1 && rel_pos_wh <= (1 << 15) && rel_pos_ww <= (1 << 15), op,
+    BINFORMER_CHECK(rel_pos_wh >= 1 && rel_pos_ww >= 1 && rel_pos_wh <= (1 << 15) && rel_pos_ww <= (1 << 15), op,
                 ": rel_pos_wh and rel_pos_ww (the patch grid of rel_pos_table) must be positive, got ",
                 rel_pos_wh, " x ", rel_pos_ww);
-    TORCH_CHECK(num_prefix_tokens == 0 || num_prefix_tokens == 1, op,
+    BINFORMER_CHECK(num_prefix_tokens == 0 || num_prefix_tokens == 1, op,
                 ": num_prefix_tokens must be 0 or 1 (a cls token before the patches), got ", num_prefix_tokens);
     const int64_t table_size = (2 * rel_pos_wh - 1) * (2 * rel_pos_ww - 1) + 3;
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == H && t.size(1) == table_size, op,
+    BINFORMER_CHECK(t.dim() == 2 && t.size(0) == H && t.size(1) == table_size, op,
                 ": rel_pos_table must be [H, (2*Wh-1)*(2*Ww-1)+3] = [", H, ", ", table_size, "] for a ", rel_pos_wh,
                 " x ", rel_pos_ww, " grid, got shape ", t.sizes());
     const int64_t tokens = num_prefix_tokens + rel_pos_wh * rel_pos_ww;
-    TORCH_CHECK(Nq == tokens && Nk == tokens, op, ": rel_pos_table needs Nq == Nk == num_prefix_tokens + Wh*Ww = ",
+    BINFORMER_CHECK(Nq == tokens && Nk == tokens, op, ": rel_pos_table needs Nq == Nk == num_prefix_tokens + Wh*Ww = ",
                 tokens, ", got Nq = ", Nq, ", Nk = ", Nk);
     o.rel_pos_table = t.to(at::kFloat).contiguous();
     o.rel_pos_wh = static_cast<int>(rel_pos_wh);
     o.rel_pos_ww = static_cast<int>(rel_pos_ww);
     o.num_prefix_tokens = static_cast<int>(num_prefix_tokens);
   } else {
-    TORCH_CHECK(num_prefix_tokens == 0, op, ": num_prefix_tokens only applies to rel_pos_table, which is absent; got ",
+    BINFORMER_CHECK(num_prefix_tokens == 0, op, ": num_prefix_tokens only applies to rel_pos_table, which is absent; got ",
                 num_prefix_tokens);
   }
   return o;
@@ -175,17 +175,17 @@ DType kernel_dtype(const at::Tensor& t, const char* name) {
     case at::kChar: return DType::kInt8;
     default: break;
   }
-  TORCH_CHECK(false, "binformer: ", name, " has unsupported dtype ", t.scalar_type());
+  BINFORMER_CHECK(false, "binformer: ", name, " has unsupported dtype ", t.scalar_type());
 }
 
 // ------------------------------------------------------------------------------------ pack_sign
 PackSignCall prepare_pack_sign(const at::Tensor& x) {
   constexpr const char* op = "binformer::pack_sign";
   check_defined(x, op, "x");
-  TORCH_CHECK(is_float_dtype(x.scalar_type()), op, ": x must be fp32, fp16 or bf16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim (the one packed), got a 0-d tensor");
+  BINFORMER_CHECK(is_float_dtype(x.scalar_type()), op, ": x must be fp32, fp16 or bf16, got ", x.scalar_type());
+  BINFORMER_CHECK(x.dim() >= 1, op, ": x must have at least one dim (the one packed), got a 0-d tensor");
   const int64_t d = x.size(-1);
-  TORCH_CHECK(d >= 1 && d <= std::numeric_limits<int>::max() / 2, op, ": the last dim of x must be >= 1, got ", d);
+  BINFORMER_CHECK(d >= 1 && d <= std::numeric_limits<int>::max() / 2, op, ": the last dim of x must be >= 1, got ", d);
   PackSignCall c;
   c.x = x.contiguous();
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
@@ -206,14 +206,14 @@ SignMatmulCall prepare_sign_matmul(const at::Tensor& a_bits, const at::Tensor& b
   constexpr const char* op = "binformer::sign_matmul";
   check_defined(a_bits, op, "a_bits");
   check_defined(b_bits, op, "b_bits");
-  TORCH_CHECK(a_bits.scalar_type() == at::kInt, op, ": a_bits must be int32 packed sign bits (from pack_sign), got ",
+  BINFORMER_CHECK(a_bits.scalar_type() == at::kInt, op, ": a_bits must be int32 packed sign bits (from pack_sign), got ",
               a_bits.scalar_type());
-  TORCH_CHECK(b_bits.scalar_type() == at::kInt, op, ": b_bits must be int32 packed sign bits (from pack_sign), got ",
+  BINFORMER_CHECK(b_bits.scalar_type() == at::kInt, op, ": b_bits must be int32 packed sign bits (from pack_sign), got ",
               b_bits.scalar_type());
   check_same_device(b_bits, a_bits, op, "b_bits", "a_bits");
-  TORCH_CHECK(a_bits.dim() >= 2, op, ": a_bits must be [..., M, W], got shape ", a_bits.sizes());
-  TORCH_CHECK(b_bits.dim() >= 2, op, ": b_bits must be [..., N, W], got shape ", b_bits.sizes());
-  TORCH_CHECK(d >= 1 && d <= std::numeric_limits<int>::max() / 2, op, ": d must be >= 1, got ", d);
+  BINFORMER_CHECK(a_bits.dim() >= 2, op, ": a_bits must be [..., M, W], got shape ", a_bits.sizes());
+  BINFORMER_CHECK(b_bits.dim() >= 2, op, ": b_bits must be [..., N, W], got shape ", b_bits.sizes());
+  BINFORMER_CHECK(d >= 1 && d <= std::numeric_limits<int>::max() / 2, op, ": d must be >= 1, got ", d);
   check_packed_width(a_bits, d, op, "a_bits");
   check_packed_width(b_bits, d, op, "b_bits");
 
@@ -224,7 +224,7 @@ SignMatmulCall prepare_sign_matmul(const at::Tensor& a_bits, const at::Tensor& b
   try {
     batch_shape = at::infer_size(a_batch, b_batch);
   } catch (const c10::Error&) {
-    TORCH_CHECK(false, op, ": the leading (batch) dims of a_bits ", a_batch, " and b_bits ", b_batch,
+    BINFORMER_CHECK(false, op, ": the leading (batch) dims of a_bits ", a_batch, " and b_bits ", b_batch,
                 " do not broadcast");
   }
   int64_t batch = 1;
@@ -270,39 +270,39 @@ AttentionFwdCall prepare_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                        int64_t rel_pos_ww, int64_t num_prefix_tokens, int64_t head_dim,
                                        double scale, bool is_causal, bool pv_int8, c10::string_view grad_mode) {
   constexpr const char* op = "binformer::attention_fwd";
-  TORCH_CHECK(grad_mode == "ste" || grad_mode == "hamming", op, ": grad_mode must be \"ste\" or \"hamming\", got \"",
+  BINFORMER_CHECK(grad_mode == "ste" || grad_mode == "hamming", op, ": grad_mode must be \"ste\" or \"hamming\", got \"",
               grad_mode, "\"");
   check_defined(q, op, "q");
   check_defined(k, op, "k");
   check_defined(v, op, "v");
   const auto qk_ok = [](const at::Tensor& t) { return is_float_dtype(t.scalar_type()) || t.scalar_type() == at::kInt; };
-  TORCH_CHECK(qk_ok(q), op, ": q must be fp32, fp16, bf16 or int32 packed sign bits, got ", q.scalar_type());
-  TORCH_CHECK(qk_ok(k), op, ": k must be fp32, fp16, bf16 or int32 packed sign bits, got ", k.scalar_type());
-  TORCH_CHECK(is_float_dtype(v.scalar_type()), op, ": v must be fp32, fp16 or bf16, got ", v.scalar_type());
+  BINFORMER_CHECK(qk_ok(q), op, ": q must be fp32, fp16, bf16 or int32 packed sign bits, got ", q.scalar_type());
+  BINFORMER_CHECK(qk_ok(k), op, ": k must be fp32, fp16, bf16 or int32 packed sign bits, got ", k.scalar_type());
+  BINFORMER_CHECK(is_float_dtype(v.scalar_type()), op, ": v must be fp32, fp16 or bf16, got ", v.scalar_type());
   check_same_device(k, q, op, "k", "q");
   check_same_device(v, q, op, "v", "q");
   check_rank(q, 4, op, "q", "[B, H, Nq, d] (or [B, H, Nq, ceil(d/32)] packed bits)");
   check_rank(k, 4, op, "k", "[B, H, Nk, d] (or [B, H, Nk, ceil(d/32)] packed bits)");
   check_rank(v, 4, op, "v", "[B, H, Nk, Dv]");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H, op, ": k must have the [B, H] = [", B, ", ", H,
+  BINFORMER_CHECK(k.size(0) == B && k.size(1) == H, op, ": k must have the [B, H] = [", B, ", ", H,
               "] of q, got shape ", k.sizes());
-  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == Nk, op, ": v must be [B, H, Nk, Dv] with [B, H, Nk] = [",
+  BINFORMER_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == Nk, op, ": v must be [B, H, Nk, Dv] with [B, H, Nk] = [",
               B, ", ", H, ", ", Nk, "] from q and k, got shape ", v.sizes());
 
   // head_dim: the float operand fixes it; with both operands packed the caller must say it.
   const bool q_bits = q.scalar_type() == at::kInt, k_bits = k.scalar_type() == at::kInt;
   int64_t d = head_dim;
   if (!q_bits) {
-    TORCH_CHECK(head_dim <= 0 || head_dim == q.size(3), op, ": head_dim = ", head_dim,
+    BINFORMER_CHECK(head_dim <= 0 || head_dim == q.size(3), op, ": head_dim = ", head_dim,
                 " does not match the last dim of the float q, ", q.size(3));
     d = q.size(3);
   }
   if (!k_bits) {
-    TORCH_CHECK(d <= 0 || d == k.size(3), op, ": the last dim of k (", k.size(3), ") must equal head_dim = ", d);
+    BINFORMER_CHECK(d <= 0 || d == k.size(3), op, ": the last dim of k (", k.size(3), ") must equal head_dim = ", d);
     d = k.size(3);
   }
-  TORCH_CHECK(d > 0, op, ": head_dim is required when q and k are both packed int32 bits");
+  BINFORMER_CHECK(d > 0, op, ": head_dim is required when q and k are both packed int32 bits");
   check_head_dim(d, op, "head_dim (d)");
   check_head_dim(Dv, op, "the last dim of v (Dv)");
   if (q_bits) check_packed_width(q, d, op, "q");
@@ -310,7 +310,7 @@ AttentionFwdCall prepare_attention_fwd(const at::Tensor& q, const at::Tensor& k,
   check_last_dim_contiguous(q, op, "q");
   check_last_dim_contiguous(k, op, "k");
   check_last_dim_contiguous(v, op, "v");
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  BINFORMER_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 
   OptionalInputs opt = prepare_optional_inputs(op, q, B, H, Nq, Nk, q_scale, k_scale, bias, rel_pos_table,
                                                rel_pos_wh, rel_pos_ww, num_prefix_tokens);
@@ -395,43 +395,43 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& dout, const at::Tensor&
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&q_bits, "q_bits"}, {&k_bits, "k_bits"}, {&v, "v"},
                          {&out, "out"}, {&lse, "lse"}})
     check_defined(*t, op, name);
-  TORCH_CHECK(q_bits.scalar_type() == at::kInt, op, ": q_bits must be int32 packed sign bits, got ",
+  BINFORMER_CHECK(q_bits.scalar_type() == at::kInt, op, ": q_bits must be int32 packed sign bits, got ",
               q_bits.scalar_type());
-  TORCH_CHECK(k_bits.scalar_type() == at::kInt, op, ": k_bits must be int32 packed sign bits, got ",
+  BINFORMER_CHECK(k_bits.scalar_type() == at::kInt, op, ": k_bits must be int32 packed sign bits, got ",
               k_bits.scalar_type());
-  TORCH_CHECK(is_float_dtype(v.scalar_type()), op, ": v must be fp32, fp16 or bf16, got ", v.scalar_type());
-  TORCH_CHECK(out.scalar_type() == v.scalar_type(), op, ": out must have v's dtype ", v.scalar_type(), ", got ",
+  BINFORMER_CHECK(is_float_dtype(v.scalar_type()), op, ": v must be fp32, fp16 or bf16, got ", v.scalar_type());
+  BINFORMER_CHECK(out.scalar_type() == v.scalar_type(), op, ": out must have v's dtype ", v.scalar_type(), ", got ",
               out.scalar_type());
-  TORCH_CHECK(dout.scalar_type() == v.scalar_type(), op, ": dout must have v's dtype ", v.scalar_type(), ", got ",
+  BINFORMER_CHECK(dout.scalar_type() == v.scalar_type(), op, ": dout must have v's dtype ", v.scalar_type(), ", got ",
               dout.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be fp32, got ", lse.scalar_type());
+  BINFORMER_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be fp32, got ", lse.scalar_type());
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&k_bits, "k_bits"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}})
     check_same_device(*t, q_bits, op, name, "q_bits");
   check_rank(q_bits, 4, op, "q_bits", "[B, H, Nq, ceil(d/32)]");
   check_rank(k_bits, 4, op, "k_bits", "[B, H, Nk, ceil(d/32)]");
   check_rank(v, 4, op, "v", "[B, H, Nk, Dv]");
   const int64_t B = q_bits.size(0), H = q_bits.size(1), Nq = q_bits.size(2), Nk = k_bits.size(2), Dv = v.size(3);
-  TORCH_CHECK(k_bits.size(0) == B && k_bits.size(1) == H, op, ": k_bits must have the [B, H] = [", B, ", ", H,
+  BINFORMER_CHECK(k_bits.size(0) == B && k_bits.size(1) == H, op, ": k_bits must have the [B, H] = [", B, ", ", H,
               "] of q_bits, got shape ", k_bits.sizes());
-  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == Nk, op, ": v must be [B, H, Nk, Dv] = [", B, ", ",
+  BINFORMER_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == Nk, op, ": v must be [B, H, Nk, Dv] = [", B, ", ",
               H, ", ", Nk, ", Dv], got shape ", v.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, H, Nq, Dv}), op, ": out must be [B, H, Nq, Dv] = [", B, ", ", H,
+  BINFORMER_CHECK(out.sizes() == at::IntArrayRef({B, H, Nq, Dv}), op, ": out must be [B, H, Nq, Dv] = [", B, ", ", H,
               ", ", Nq, ", ", Dv, "], got shape ", out.sizes());
-  TORCH_CHECK(dout.sizes() == out.sizes(), op, ": dout must have out's shape ", out.sizes(), ", got ", dout.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be [B, H, Nq] = [", B, ", ", H, ", ", Nq,
+  BINFORMER_CHECK(dout.sizes() == out.sizes(), op, ": dout must have out's shape ", out.sizes(), ", got ", dout.sizes());
+  BINFORMER_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be [B, H, Nq] = [", B, ", ", H, ", ", Nq,
               "], got shape ", lse.sizes());
-  TORCH_CHECK(head_dim > 0, op, ": head_dim is required (q_bits and k_bits are packed)");
+  BINFORMER_CHECK(head_dim > 0, op, ": head_dim is required (q_bits and k_bits are packed)");
   check_head_dim(head_dim, op, "head_dim (d)");
   check_head_dim(Dv, op, "the last dim of v (Dv)");
   check_packed_width(q_bits, head_dim, op, "q_bits");
   check_packed_width(k_bits, head_dim, op, "k_bits");
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&q_bits, "q_bits"}, {&k_bits, "k_bits"}, {&v, "v"}, {&out, "out"}})
     check_last_dim_contiguous(*t, op, name);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  BINFORMER_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 
   OptionalInputs opt = prepare_optional_inputs(op, q_bits, B, H, Nq, Nk, q_scale, k_scale, bias, rel_pos_table,
                                                rel_pos_wh, rel_pos_ww, num_prefix_tokens);
-  TORCH_CHECK(!output_mask[kDrelPosTable] || opt.rel_pos_table.defined(), op,
+  BINFORMER_CHECK(!output_mask[kDrelPosTable] || opt.rel_pos_table.defined(), op,
               ": output_mask asks for drel_pos_table but rel_pos_table is absent");
 
   AttentionBwdCall c;

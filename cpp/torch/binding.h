@@ -12,11 +12,54 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cstdio>
+#include <string>
+#include <string_view>
+#include <type_traits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "binformer/params.h"
+
+namespace binformer::binding {
+
+// Error messages are assembled here, numbers through std::to_string / snprintf, instead of
+// through c10::str's iostreams: on the GPU machine (torch 2.11, extension built with a GCC
+// newer than the libstdc++ torch loads) numeric ostream insertion from inline header code in
+// this module segfaulted, so a failed check with a number in its message crashed the process.
+namespace message_detail {
+inline void append(std::string& s, const char* x) { s += x; }
+inline void append(std::string& s, const std::string& x) { s += x; }
+inline void append(std::string& s, std::string_view x) { s += x; }
+template <class T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) { s += std::to_string(v); }
+template <class T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(v));
+  s += buf;
+}
+inline void append(std::string& s, at::IntArrayRef a) {
+  s += '[';
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  s += ']';
+}
+inline void append(std::string& s, at::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, const at::Device& d) { s += d.str(); }
+}  // namespace message_detail
+
+template <class... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (message_detail::append(s, args), ...);
+  return s;
+}
+
+}  // namespace binformer::binding
+
+// TORCH_CHECK with a message built by binformer::binding::message (see above).
+#define BINFORMER_CHECK(cond, ...) TORCH_CHECK(cond, ::binformer::binding::message(__VA_ARGS__))
 
 namespace binformer::binding {
 

@@ -18,7 +18,7 @@ namespace binformer::binding {
 namespace {
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
+  BINFORMER_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
 }
 
 const char* dtype_name(DType t) {
@@ -36,7 +36,7 @@ const char* dtype_name(DType t) {
 // support answers cudaErrorNotSupported).
 template <class Params>
 void check_attention_launch(cudaError_t err, const char* op, const Params& p) {
-  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err), " for B=", p.B, " H=", p.H, " Nq=", p.Nq,
+  BINFORMER_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err), " for B=", p.B, " H=", p.H, " Nq=", p.Nq,
               " Nk=", p.Nk, " head_dim=", p.head_dim, " Dv=", p.v_dim, " v ", dtype_name(p.v_dtype),
               p.bias ? " with bias" : "", p.rel_pos_table ? " with rel_pos_table" : "", p.causal ? " causal" : "");
 }
