@@ -298,8 +298,9 @@ def attention(
         of the shapes above; ``Nk == 0`` gives ``out = 0``, ``lse = -inf`` (every row masked).
 
     Non-finite inputs: NaN in q / k counts as +1 and +-inf by its sign (only signs are read); NaN
-    in v or bias reaches the outputs it contributes to (IEEE); non-finite q_scale, k_scale or
-    rel_pos_table raise ValueError.
+    in v or bias reaches the outputs it contributes to (IEEE; an inf in fp32 v on CUDA arrives as
+    NaN, from the 3xTF32 split of V); non-finite q_scale, k_scale or rel_pos_table raise
+    ValueError (unless value checks are off: :func:`binformer.set_value_checks`).
 
     Raises:
         TypeError: an argument of the wrong type or dtype.

@@ -264,7 +264,8 @@ def test_attention_nonfinite_q_k_are_signs(device):
 
 
 def test_attention_nonfinite_v_propagates(device):
-    """A NaN in v[j, c] reaches channel c of every row that attends to key j (non-causal: all)."""
+    """A NaN in v[j, c] reaches channel c of every row that attends to key j (non-causal: all);
+    an inf does too, as inf (CPU) or as inf/NaN (CUDA with fp32 v, see docs/CONTRACT.md)."""
     q, k, v, kwargs = make_inputs(Case(B=1, H=2, Nq=12, Nk=20, Dv=16), device, seed=6)
     v = v.clone()
     v[0, 1, 7, 3] = math.nan
@@ -272,7 +273,10 @@ def test_attention_nonfinite_v_propagates(device):
     out = binformer.attention(q, k, v)
     assert out[0, 1, :, 3].isnan().all()
     assert not out[0, 1, :, :3].isnan().any() and not out[0, 1, :, 4:].isnan().any()
-    assert (out[0, 0, :, 5] == math.inf).all()
+    if device == "cpu":
+        assert (out[0, 0, :, 5] == math.inf).all()
+    else:  # CUDA fp32 V runs 3xTF32 (V = big + small, small = inf - inf = NaN): inf becomes NaN
+        assert (~torch.isfinite(out[0, 0, :, 5])).all()
     assert torch.isfinite(out[0, 0, :, :5]).all()
     check_attention(q, k, v, kwargs, device)
 
