@@ -51,21 +51,30 @@ def main() -> None:
         shapes = [(1, 4, 1024), (1, 4, 4096)]
     rows = []
     print(f"threads={torch.get_num_threads()} isa={binformer.cpu_isa()}")
-    print(f"{'shape':>18} {'binformer':>10} {'sdpa_fp32':>10} {'numpy':>10}   (G score elem/s)  speedup vs sdpa / numpy")
+    print(f"{'shape':>18} {'bin fp32':>9} {'bin bf16':>9} {'bin int8':>9} {'sdpa_fp32':>10} {'numpy':>8}"
+          "   (G score elem/s)  fp32 speedup vs sdpa / numpy; bf16, pv_int8 vs sdpa")
     for b, h, n in shapes:
         q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
         elems = b * h * n * n
         t_bin = time_cpu(lambda: binformer.attention(q, k, v), min_time=1.0)
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        t_bf16 = time_cpu(lambda: binformer.attention(qb, kb, vb), min_time=1.0)
+        t_int8 = time_cpu(lambda: binformer.attention(q, k, v, pv_int8=True), min_time=1.0)
         t_sdpa = time_cpu(lambda: F.scaled_dot_product_attention(q, k, v), min_time=1.0)
         qn, kn, vn = q.numpy(), k.numpy(), v.numpy()
         t_np = time_cpu(lambda: numpy_binary_attention(qn, kn, vn), min_time=0.5, min_reps=1, warmup=0)
-        row = dict(B=b, H=h, N=n, d=d, binformer_s=t_bin, sdpa_fp32_s=t_sdpa, numpy_s=t_np,
-                   binformer_gelem_s=elems / t_bin / 1e9, sdpa_fp32_gelem_s=elems / t_sdpa / 1e9,
+        row = dict(B=b, H=h, N=n, d=d, binformer_s=t_bin, binformer_bf16_s=t_bf16, binformer_pv_int8_s=t_int8,
+                   sdpa_fp32_s=t_sdpa, numpy_s=t_np,
+                   binformer_gelem_s=elems / t_bin / 1e9, binformer_bf16_gelem_s=elems / t_bf16 / 1e9,
+                   binformer_pv_int8_gelem_s=elems / t_int8 / 1e9, sdpa_fp32_gelem_s=elems / t_sdpa / 1e9,
                    numpy_gelem_s=elems / t_np / 1e9,
-                   speedup_vs_sdpa=t_sdpa / t_bin, speedup_vs_numpy=t_np / t_bin)
+                   speedup_vs_sdpa=t_sdpa / t_bin, speedup_vs_numpy=t_np / t_bin,
+                   bf16_speedup_vs_sdpa=t_sdpa / t_bf16, pv_int8_speedup_vs_sdpa=t_sdpa / t_int8)
         rows.append(row)
-        print(f"{str((b, h, n, d)):>18} {row['binformer_gelem_s']:10.2f} {row['sdpa_fp32_gelem_s']:10.2f} "
-              f"{row['numpy_gelem_s']:10.3f}   {row['speedup_vs_sdpa']:.2f}x / {row['speedup_vs_numpy']:.1f}x")
+        print(f"{str((b, h, n, d)):>18} {row['binformer_gelem_s']:9.2f} {row['binformer_bf16_gelem_s']:9.2f} "
+              f"{row['binformer_pv_int8_gelem_s']:9.2f} {row['sdpa_fp32_gelem_s']:10.2f} {row['numpy_gelem_s']:8.3f}"
+              f"   {row['speedup_vs_sdpa']:.2f}x / {row['speedup_vs_numpy']:.1f}x; "
+              f"{row['bf16_speedup_vs_sdpa']:.2f}x, {row['pv_int8_speedup_vs_sdpa']:.2f}x", flush=True)
     payload = dict(benchmark="cpu_forward", env=environment(), isa=binformer.cpu_isa(), rows=rows,
                    targets=dict(speedup_vs_sdpa_at_4096=4.0, speedup_vs_numpy_at_4096=10.0))
     write_json(args.out, payload)

@@ -12,10 +12,12 @@ def plot_cpu(payload: dict, path: str) -> None:
     labels = [f"H{r['H']} N{r['N']}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(8, 4))
-    w = 0.27
-    for i, (key, name) in enumerate([("binformer_gelem_s", "binformer"), ("sdpa_fp32_gelem_s", "torch SDPA fp32"),
-                                     ("numpy_gelem_s", "numpy bitwise_count")]):
-        ax.bar([x + (i - 1) * w for x in xs], [r[key] for r in rows], w, label=name)
+    series = [("binformer_gelem_s", "binformer fp32"), ("binformer_bf16_gelem_s", "binformer bf16"),
+              ("binformer_pv_int8_gelem_s", "binformer pv_int8"), ("sdpa_fp32_gelem_s", "torch SDPA fp32"),
+              ("numpy_gelem_s", "numpy bitwise_count")]
+    w = 0.8 / len(series)
+    for i, (key, name) in enumerate(series):
+        ax.bar([x + (i - (len(series) - 1) / 2) * w for x in xs], [r[key] for r in rows], w, label=name)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("G score elements / s")
     ax.set_title(f"CPU forward, d=64, B=1 ({payload['env'].get('cpu', '')}, {payload['env']['cpu_threads']} threads)")
@@ -33,7 +35,7 @@ def plot_gpu(payload: dict, path: str, methods: list[str]) -> None:
     w = 0.8 / len(methods)
     for i, m in enumerate(methods):
         ax.bar([x + (i - (len(methods) - 1) / 2) * w for x in xs],
-               [r["us"].get(m, float("nan")) for r in rows], w, label=m)
+               [r["us"].get(m) if isinstance(r["us"].get(m), float) else float("nan") for r in rows], w, label=m)
     ax.set_xticks(list(xs), labels, rotation=15)
     ax.set_ylabel("median time (us), lower is better")
     ax.set_yscale("log")
