@@ -35,7 +35,7 @@ if [[ $steps == *" sanitize "* ]]; then
   for tool in memcheck racecheck; do
     log "compute-sanitizer $tool"
     timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 ./build-tests/binformer_cuda_tests \
-        --gtest_filter="${SANITIZE_FILTER:-*Sanitize*}" > "$OUT/sanitize_$tool.log" 2>&1; log "$tool rc=$?"
+        --gtest_filter="${SANITIZE_FILTER:-PackSign.ManyShapesAllDtypesExact:SignMatmul.ShapesAndDepths:Cases/AttentionFwd.MatchesFloat64Reference/*_1?:AttentionBwd.RelativePositionTable}" > "$OUT/sanitize_$tool.log" 2>&1; log "$tool rc=$?"
     tail -5 "$OUT/sanitize_$tool.log"
   done
 fi
