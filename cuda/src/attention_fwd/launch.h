@@ -8,6 +8,12 @@
 
 namespace binformer::cuda::fwd {
 
+// BINFORMER_FWD_BOUNDED=0 (a measurement / fallback knob) runs every configuration on the
+// online kernels of kernel.h.
+#ifndef BINFORMER_FWD_BOUNDED
+#define BINFORMER_FWD_BOUNDED 1
+#endif
+
 // The bounded kernels keep the rel-pos table window of a block in shared memory; windows above
 // this size (very large grids) run the online bias kernel, which reads the table through L1.
 inline constexpr int kBoundedRelPosWindowCapBytes = 64 * 1024;
@@ -82,7 +88,7 @@ cudaError_t run_attention_fwd(FwdArgs args, cudaStream_t stream) {
   const bool dense_bias = args.bias != nullptr;
   const bool relpos = args.relpos_table != nullptr;
   const bool per_token_k = args.k_scale_abs != nullptr;
-  if constexpr (kPv == PvKind::kF16 || kPv == PvKind::kBF16) {
+  if constexpr (BINFORMER_FWD_BOUNDED && (kPv == PvKind::kF16 || kPv == PvKind::kBF16)) {
     if (!dense_bias && !per_token_k) {
       bool launched = false;
       const cudaError_t err =
@@ -97,7 +103,7 @@ cudaError_t run_attention_fwd(FwdArgs args, cudaStream_t stream) {
                        : launch_attention_fwd<Tr, false>(args, stream);
   }
   using Tr = FwdTraits<kDvPad, kPv, kDvMasked, false>;
-  if constexpr (kPv == PvKind::kF16 || kPv == PvKind::kBF16) {
+  if constexpr (BINFORMER_FWD_BOUNDED && (kPv == PvKind::kF16 || kPv == PvKind::kBF16)) {
     // Without bias and per-token k these always run bounded: only the per-token variant.
     return per_token_k ? launch_attention_fwd<Tr, true>(args, stream) : cudaErrorNotSupported;
   } else {

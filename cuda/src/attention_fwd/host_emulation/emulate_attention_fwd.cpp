@@ -1,4 +1,5 @@
-// Runs the bounded-max forward kernel (kernel_bounded.h, the real source compiled as C++ with the
+// Runs the forward kernels for fp16 / bf16 V (the bounded-max kernel of kernel_bounded.h and the
+// online kernels of kernel.h, with and without bias; the real source compiled as C++ with the
 // host emulation of fwd_ptx_emulation.h) on small random problems and compares out and lse with
 // the float64 reference of the GoogleTest (tests/cuda/attention_fwd_reference.h), with the
 // GoogleTest's tolerances. It checks the index mappings, the score algebra (duplicated k128 bits,
@@ -27,8 +28,12 @@ namespace ref = binformer::test::attention_fwd_ref;
 
 namespace {
 
+enum class Kernel { kBounded, kOnline, kOnlineBias };  // kOnlineBias: rel-pos via kernel.h
+
 struct Case {
   std::string name;
+  Kernel kernel = Kernel::kBounded;
+  bool per_token_k = false;  // k_scale per key (online kernels only)
   int B = 1, H = 2, Nq = 100, Nk = 150, d = 64, dv = 64;
   bool bf16 = false, causal = false;
   double scale_mult = 1.0;
@@ -48,6 +53,21 @@ void entry(const FwdArgs& args) {
   block.run();
 }
 
+template <class Tr, bool kPerTokenK>
+void online_entry(const FwdArgs& args) {
+  FwdBlock<Tr, kPerTokenK> block(args, fwd_emulation::smem_base());
+  block.run();
+}
+
+template <class Tr, bool kPerTokenK>
+void launch_online(FwdArgs args) {
+  args.num_m_blocks = (args.Nq + Tr::kBlockM - 1) / Tr::kBlockM;
+  size_t smem = Tr::kSmemFixed;
+  if (Tr::kHasBias && args.relpos_table != nullptr) smem += (size_t(args.relpos_table_size) * 4 + 15) / 16 * 16;
+  bwd_emulation::launch(online_entry<Tr, kPerTokenK>, unsigned(args.num_m_blocks * args.B * args.H),
+                        unsigned(Tr::kThreads), smem, args);
+}
+
 template <class Tr>
 void launch(FwdArgs args) {
   args.num_m_blocks = (args.Nq + Tr::kBlockM - 1) / Tr::kBlockM;
@@ -64,12 +84,26 @@ void dispatch(FwdArgs& args) {
   else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos>>(args);
 }
 
+template <int kDv, PvKind kPv, bool kRelPos>
+void dispatch_kernel(FwdArgs& args, Kernel kernel) {
+  const bool ptk = args.k_scale_abs != nullptr;
+  if (kernel == Kernel::kBounded) {
+    dispatch<kDv, kPv, kRelPos>(args);
+  } else if (kernel == Kernel::kOnline) {
+    using Tr = FwdTraits<kDv, kPv, false, false>;
+    ptk ? launch_online<Tr, true>(args) : launch_online<Tr, false>(args);
+  } else {
+    using Tr = FwdTraits<kDv, kPv, false, true>;
+    ptk ? launch_online<Tr, true>(args) : launch_online<Tr, false>(args);
+  }
+}
+
 template <PvKind kPv, bool kRelPos>
-void dispatch_dv(FwdArgs& args) {
-  if (args.dv == 64) dispatch<64, kPv, kRelPos>(args);
-  else if (args.dv == 32) dispatch<32, kPv, kRelPos>(args);
-  else if (args.dv == 72) dispatch<72, kPv, kRelPos>(args);
-  else if (args.dv == 128) dispatch<128, kPv, kRelPos>(args);
+void dispatch_dv(FwdArgs& args, Kernel kernel) {
+  if (args.dv == 64) dispatch_kernel<64, kPv, kRelPos>(args, kernel);
+  else if (args.dv == 32) dispatch_kernel<32, kPv, kRelPos>(args, kernel);
+  else if (args.dv == 72) dispatch_kernel<72, kPv, kRelPos>(args, kernel);
+  else if (args.dv == 128) dispatch_kernel<128, kPv, kRelPos>(args, kernel);
   else std::abort();
 }
 
@@ -113,7 +147,8 @@ bool run_case(const Case& c) {
     vd[i] = c.bf16 ? binformer::test::bf16_bits_to_double(v[i]) : binformer::test::half_bits_to_double(v[i]);
   }
   // row factors: per head or per query token; k_head per head
-  std::vector<float> qscale(c.per_token_q ? size_t(B) * H * Nq : size_t(B) * H), khead(size_t(B) * H);
+  std::vector<float> qscale(c.per_token_q ? size_t(B) * H * Nq : size_t(B) * H),
+      khead(c.per_token_k ? size_t(B) * H * Nk : size_t(B) * H);
   auto factor = [&]() {
     const double m = c.a_lo + (c.a_hi - c.a_lo) * uni(rng);
     return float(c.negative && uni(rng) < 0.5 ? -m : m);
@@ -123,7 +158,7 @@ bool run_case(const Case& c) {
   std::vector<double> a_full(size_t(B) * H * Nq), b_full(size_t(B) * H * Nk);
   for (int bh = 0; bh < B * H; ++bh) {
     for (int i = 0; i < Nq; ++i) a_full[size_t(bh) * Nq + i] = qscale[c.per_token_q ? size_t(bh) * Nq + i : bh];
-    for (int j = 0; j < Nk; ++j) b_full[size_t(bh) * Nk + j] = khead[bh];
+    for (int j = 0; j < Nk; ++j) b_full[size_t(bh) * Nk + j] = khead[c.per_token_k ? size_t(bh) * Nk + j : bh];
   }
   const int T = c.relpos ? (2 * c.wh - 1) * (2 * c.ww - 1) + 3 : 0;
   std::vector<float> table(size_t(H) * T);
@@ -135,19 +170,20 @@ bool run_case(const Case& c) {
   const int64_t nk_pad = (Nk + 127) / 128 * 128;
   const int k_words = d <= 128 ? 4 : 8;
   std::vector<uint32_t> k_bits(size_t(B) * H * nk_pad * k_words, 0u);
-  std::vector<float> colc(size_t(B) * H * nk_pad);
+  std::vector<float> colc(size_t(B) * H * nk_pad), kabs(c.per_token_k ? colc.size() : 0);
   for (int bh = 0; bh < B * H; ++bh)
     for (int j = 0; j < nk_pad; ++j) {
       int pc = 0;
       if (j < Nk) {
         for (int e = 0; e < d; ++e) {
-          if ((ks[(size_t(bh) * Nk + j) * d + e] > 0) != (khead[bh] < 0)) {
+          if ((ks[(size_t(bh) * Nk + j) * d + e] > 0) != (b_full[size_t(bh) * Nk + j] < 0)) {
             k_bits[(size_t(bh) * nk_pad + j) * k_words + e / 32] |= 1u << (e % 32);
             ++pc;
           }
         }
       }
       colc[size_t(bh) * nk_pad + j] = -(25165824.0f + 2.0f * float(pc));
+      if (c.per_token_k) kabs[size_t(bh) * nk_pad + j] = j < Nk ? std::fabs(float(b_full[size_t(bh) * Nk + j])) : 0.0f;
     }
   std::vector<int> relpos_off(nk_pad, 0);
   std::vector<float> range(size_t(H) * 2);
@@ -169,7 +205,7 @@ bool run_case(const Case& c) {
   // The real pre-pass (emulated) must reproduce the host packing exactly.
   {
     std::vector<uint32_t> dev_bits(k_bits.size(), 0xA5A5A5A5u);
-    std::vector<float> dev_colc(colc.size(), NAN), dev_range(range.size(), NAN);
+    std::vector<float> dev_colc(colc.size(), NAN), dev_range(range.size(), NAN), dev_kabs(kabs.size(), NAN);
     std::vector<int> dev_off(relpos_off.size(), -7);
     PackKeysArgs pk{};
     pk.k = kf.data();
@@ -177,7 +213,11 @@ bool run_case(const Case& c) {
     pk.H = H; pk.Nk = Nk; pk.d = d; pk.k_words = k_words; pk.nk_pad = nk_pad;
     pk.rows = int64_t(B) * H * nk_pad;
     pk.pack_blocks = (pk.rows * 8 + kPackThreads - 1) / kPackThreads;
-    pk.k_scale = khead.data(); pk.k_scale_stride[0] = H; pk.k_scale_stride[1] = 1; pk.k_scale_stride[2] = 0;
+    pk.k_scale = khead.data();
+    pk.k_scale_stride[0] = c.per_token_k ? int64_t(H) * Nk : H;
+    pk.k_scale_stride[1] = c.per_token_k ? Nk : 1;
+    pk.k_scale_stride[2] = c.per_token_k ? 1 : 0;
+    pk.k_scale_abs = c.per_token_k ? dev_kabs.data() : nullptr;
     pk.k_bits = dev_bits.data(); pk.k_colc = dev_colc.data();
     pk.relpos_off = c.relpos ? dev_off.data() : nullptr;
     pk.relpos_prefix = c.prefix; pk.relpos_ww = c.ww;
@@ -188,7 +228,8 @@ bool run_case(const Case& c) {
       blocks += H;
     }
     bwd_emulation::launch(fwd_pack_keys_kernel<DType::kFloat16, true>, unsigned(blocks), unsigned(kPackThreads), 0, pk);
-    const bool same = dev_bits == k_bits && dev_colc == colc && (!c.relpos || (dev_off == relpos_off && dev_range == range));
+    const bool same = dev_bits == k_bits && dev_colc == colc && dev_kabs == kabs &&
+                      (!c.relpos || (dev_off == relpos_off && dev_range == range));
     if (!same) {
       std::printf("FAIL %-28s the emulated K pre-pass differs from the host packing\n", c.name.c_str());
       return false;
@@ -216,12 +257,17 @@ bool run_case(const Case& c) {
   args.q_scale_stride[0] = c.per_token_q ? int64_t(H) * Nq : H;
   args.q_scale_stride[1] = c.per_token_q ? Nq : 1;
   args.q_scale_stride[2] = c.per_token_q ? 1 : 0;
-  args.k_scale_head = khead.data(); args.k_scale_head_stride[0] = H; args.k_scale_head_stride[1] = 1;
+  if (c.per_token_k) {
+    args.k_scale_abs = kabs.data();
+  } else {
+    args.k_scale_head = khead.data(); args.k_scale_head_stride[0] = H; args.k_scale_head_stride[1] = 1;
+  }
   args.scale = float(c.scale_mult / std::sqrt(double(d)));
   if (c.relpos) {
     args.relpos_table = table.data(); args.relpos_table_stride_h = T;
     args.relpos_wh = c.wh; args.relpos_ww = c.ww; args.relpos_prefix = c.prefix; args.relpos_table_size = T;
     args.relpos_range = range.data();
+    args.relpos_in_smem = true;  // (the online bias kernel's table copy)
     const int bm = dv <= 64 ? 4 * 2 * 16 : 128;
     int most = 0;
     for (int m0 = 0; m0 < Nq; m0 += bm) most = std::max(most, fwd_relpos_window(m0, bm, Nq, c.prefix, c.wh, c.ww).len);
@@ -229,9 +275,9 @@ bool run_case(const Case& c) {
   }
   args.causal = c.causal;
   if (c.bf16) {
-    c.relpos ? dispatch_dv<PvKind::kBF16, true>(args) : dispatch_dv<PvKind::kBF16, false>(args);
+    c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel) : dispatch_dv<PvKind::kBF16, false>(args, c.kernel);
   } else {
-    c.relpos ? dispatch_dv<PvKind::kF16, true>(args) : dispatch_dv<PvKind::kF16, false>(args);
+    c.relpos ? dispatch_dv<PvKind::kF16, true>(args, c.kernel) : dispatch_dv<PvKind::kF16, false>(args, c.kernel);
   }
 
   ref::RefProblem p;
@@ -318,6 +364,16 @@ int main(int argc, char** argv) {
     c.name = "relpos_12x20_causal"; c.bf16 = false; c.wh = 12; c.ww = 20; c.prefix = 1;
     c.Nq = c.Nk = 241; c.causal = true; add(c);
     c.name = "relpos_9x9_dv128"; c.causal = false; c.wh = 9; c.ww = 9; c.Nq = c.Nk = 82; c.dv = 128; add(c);
+  }
+  {  // the online kernels of kernel.h (dense-bias / per-token-k / fallback paths), same math
+    Case c; c.kernel = Kernel::kOnline; c.name = "online_kernel_f16"; c.Nq = 130; c.Nk = 300; add(c);
+    c.name = "online_kernel_ptk_bf16"; c.bf16 = true; c.per_token_k = true; c.negative = true; add(c);
+    c.name = "online_kernel_ptk_causal"; c.bf16 = false; c.causal = true; c.Nq = c.Nk = 200; add(c);
+    c.name = "online_kernel_d200_dv128"; c.causal = false; c.per_token_k = false; c.d = 200; c.dv = 128; add(c);
+    Case r; r.kernel = Kernel::kOnlineBias; r.name = "online_bias_relpos"; r.relpos = true; r.wh = 14;
+    r.ww = 14; r.prefix = 1; r.Nq = r.Nk = 197; add(r);
+    r.name = "online_bias_relpos_ptk"; r.per_token_k = true; r.wh = 7; r.ww = 9; r.prefix = 0;
+    r.Nq = r.Nk = 63; r.causal = true; add(r);
   }
   bool all = true;
   for (const Case& c : cases) {
