@@ -7,7 +7,7 @@
 // log2(e) >= 0 (sign folding, kernel.h), <q_i, k_j> <= d and r_ij <= rmax_h (the head's table
 // maximum, from the K pre-pass). The kernel works with the shifted score
 //   z_ij = c_i (<q_i, k_j> - d) + (r_ij - rmax_h) + kTop  <=  kTop,
-// so that 2^z never exceeds 2^kTop (2^15.75 for fp16 P, 2^32 for bf16 P). Once a row's maximum
+// so that 2^z never exceeds 2^kTop (2^15.9 for fp16 P, 2^32 for bf16 P). Once a row's maximum
 // z is known to reach kFloor (0 for fp16: the largest P of the row is >= 1, so fp16 subnormals
 // lose no more than with the usual max-subtracted P; -64 for bf16, whose exponent range is
 // fp32's), the row maximum is fixed at 0 for the rest of the row: P = 2^z directly, with no
@@ -74,7 +74,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr bool kBF = Tr::kPv == PvKind::kBF16;
   static constexpr int kKPitch = Tr::kKPitchWords;
   // log2 of the largest P, and the value every row maximum must reach before it is fixed.
-  static constexpr float kTop = kBF ? 32.0f : 15.75f;
+  static constexpr float kTop = kBF ? 32.0f : 15.9f;  // 2^15.9 = 61147 < 65504
   static constexpr float kFloor = kBF ? -64.0f : 0.0f;
   static constexpr int kChunkNB = 4;  // the online path works on 32-key chunks (registers)
   static_assert(kBlockN % (8 * kChunkNB) == 0, "whole online chunks per tile");
