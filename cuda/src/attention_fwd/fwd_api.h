@@ -10,7 +10,9 @@
 namespace binformer::cuda::fwd {
 
 // Runs the main kernel for one (padded value width, P.V kind, masked value width) configuration;
-// picks the bias / per-token-k-scale variant at run time. args.num_m_blocks is filled in by the launcher.
+// picks the kernel at run time (launch.h): the bounded-max kernel for fp16/bf16 V without dense bias
+// and per-token k scale (QK^T form by d, with or without rel-pos), else the online kernel with the
+// bias / per-token-k-scale variant. args.num_m_blocks is filled in by the launcher.
 template <int kDvPad, PvKind kPv, bool kDvMasked>
 cudaError_t run_attention_fwd(FwdArgs args, cudaStream_t stream);
 

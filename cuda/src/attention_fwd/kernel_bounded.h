@@ -468,11 +468,15 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         }
         float z[kMT][4];
         scores_nb<kMask>(z, st, nb, key0);
+        // BINFORMER_FWD_POLY_EXP_EVERY = k: every k-th n8 block of unmasked tiles on the FMA pipes.
+        constexpr int kPoly = BINFORMER_FWD_POLY_EXP_EVERY;
+        constexpr bool kAnyPoly = kPoly > 0;
+        const bool poly = kAnyPoly && !kMask && nb % (kAnyPoly ? kPoly : 1) == kPoly - 1;
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pe = ex2_approx(z[mt][e]);  // masked: 2^-inf = 0
+            const float pe = poly ? ex2_poly(z[mt][e]) : ex2_approx(z[mt][e]);  // masked: 2^-inf = 0
             p[mt][hf][e] = pe;
             l_run[2 * mt + e / 2] += pe;
           }

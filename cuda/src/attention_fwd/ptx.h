@@ -15,7 +15,9 @@
 // The host emulator (cuda/src/attention_fwd/host_emulation) provides every function of this
 // header, implemented from the PTX ISA fragment layouts.
 #include "host_emulation/fwd_ptx_emulation.h"
+#include "exp2_poly.h"
 #else
+#include "exp2_poly.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -130,25 +132,6 @@ __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
-}
-
-// 2^x on the FMA pipes (FlashAttention-4's trick to take exp work off the MUFU unit): split x
-// into round(x) + f with f in [-0.5, 0.5], evaluate the degree-5 Taylor polynomial of 2^f
-// (relative error < 3e-6 on that interval) and add round(x) to the exponent field.
-// x <= -127 (and -inf) gives exactly 0 like ex2.approx.ftz; about 14 FMA-pipe instructions.
-__device__ __forceinline__ float ex2_poly(float x) {
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + kMagic rounds x to an integer
-  const float xc = fmaxf(x, -127.0f);
-  const float shifted = xc + kMagic;
-  const float f = xc - (shifted - kMagic);
-  float p = fmaf(1.3333558146e-3f, f, 9.6181291076e-3f);  // ln2^5/120, ln2^4/24
-  p = fmaf(p, f, 5.5504108664e-2f);                         // ln2^3/6
-  p = fmaf(p, f, 2.4022650695e-1f);                         // ln2^2/2
-  p = fmaf(p, f, 6.9314718056e-1f);                         // ln2
-  p = fmaf(p, f, 1.0f);
-  // __float_as_int(shifted) = 0x4B400000 + round(x); move that integer into the exponent field.
-  const int bits = __float_as_int(p) + ((__float_as_int(shifted) - 0x4B400000) << 23);
-  return x <= -127.0f ? 0.0f : __int_as_float(bits);
 }
 
 __device__ __forceinline__ uint32_t cvt_tf32(float x) {

@@ -197,7 +197,6 @@ inline float ex2_approx(float x) {
   const float y = float(std::exp2(double(x)));
   return std::fabs(y) < 1.17549435e-38f ? 0.0f : y;
 }
-inline float ex2_poly(float x) { return ex2_approx(x); }
 inline uint32_t cvt_tf32(float) { std::abort(); }
 inline uint32_t prmt(uint32_t, uint32_t, uint32_t) { std::abort(); }
 
