@@ -32,17 +32,12 @@ if [[ $steps == *" gtest "* ]]; then
   tail -15 "$OUT/gtest_cuda.log"
 fi
 if [[ $steps == *" sanitize "* ]]; then
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     log "compute-sanitizer $tool"
     timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 ./build-tests/binformer_cuda_tests \
         --gtest_filter="${SANITIZE_FILTER:-PackSign.ManyShapesAllDtypesExact:SignMatmul.ShapesAndDepths:Cases/AttentionFwd.MatchesFloat64Reference/*_1?:AttentionBwd.RelativePositionTable}" > "$OUT/sanitize_$tool.log" 2>&1; log "$tool rc=$?"
     tail -5 "$OUT/sanitize_$tool.log"
   done
-fi
-if [[ $steps == *" pytest "* ]]; then
-  log "pytest (CUDA + CPU)"
-  (cd tests && timeout 400 python3 -m pytest -q -x -p no:cacheprovider -n 8 python ${PYTEST_ARGS:-}) > "$OUT/pytest.log" 2>&1
-  log "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 fi
 if [[ $steps == *" bench "* ]]; then
   log "bench forward"
@@ -62,5 +57,10 @@ fi
 if [[ $steps == *" train "* ]]; then
   log "digits training on GPU"
   timeout 300 python3 examples/train_digits.py --out "$OUT/digits_training_gpu.json" 2>&1 | tail -8
+fi
+if [[ $steps == *" pytest "* ]]; then
+  log "pytest (CUDA + CPU)"
+  (cd tests && timeout 400 python3 -m pytest -q -x -p no:cacheprovider -n ${PYTEST_WORKERS:-8} python ${PYTEST_ARGS:-}) > "$OUT/pytest.log" 2>&1
+  log "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 fi
 log "done"
