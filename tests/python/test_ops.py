@@ -273,12 +273,17 @@ def test_attention_nonfinite_v_propagates(device):
     out = binformer.attention(q, k, v)
     assert out[0, 1, :, 3].isnan().all()
     assert not out[0, 1, :, :3].isnan().any() and not out[0, 1, :, 4:].isnan().any()
+    assert torch.isfinite(out[0, 0, :, :5]).all()
     if device == "cpu":
         assert (out[0, 0, :, 5] == math.inf).all()
+        check_attention(q, k, v, kwargs, device)
     else:  # CUDA fp32 V runs 3xTF32 (V = big + small, small = inf - inf = NaN): inf becomes NaN
         assert (~torch.isfinite(out[0, 0, :, 5])).all()
-    assert torch.isfinite(out[0, 0, :, :5]).all()
-    check_attention(q, k, v, kwargs, device)
+        # Everything else still matches the reference: compare with channel 5 of head 0 masked.
+        out, lse = binformer.attention(q, k, v, **kwargs, return_lse=True)
+        out = out.clone()
+        out[0, 0, :, 5] = math.inf
+        check_attention(q, k, v, kwargs, device, out=out, lse=lse)
 
 
 def test_attention_nonfinite_bias(device):
