@@ -1042,10 +1042,18 @@ TEST(AttentionFwdBench, DISABLED_PeerShapes) {
     }
     DeviceBuffer ws(binformer::cuda::attention_fwd_workspace_bytes(p));
     p.workspace = ws.ptr;
+    // A BINFORMER_CUDA_MINIMAL build has the Dv-64 kernels only: skip the other shapes (A/B
+    // runs time a minimal build against the full one).
+    const cudaError_t first = binformer::cuda::attention_fwd(p, nullptr);
+    if (first == cudaErrorNotSupported) {
+      std::printf("attention_fwd %-22s not in this build\n", sh.what);
+      continue;
+    }
+    ASSERT_EQ(first, cudaSuccess);
     cudaEvent_t start, stop;
     ASSERT_EQ(cudaEventCreate(&start), cudaSuccess);
     ASSERT_EQ(cudaEventCreate(&stop), cudaSuccess);
-    for (int i = 0; i < 3; ++i) ASSERT_EQ(binformer::cuda::attention_fwd(p, nullptr), cudaSuccess);
+    for (int i = 0; i < 2; ++i) ASSERT_EQ(binformer::cuda::attention_fwd(p, nullptr), cudaSuccess);
     std::vector<float> times;
     for (int i = 0; i < 20; ++i) {
       cudaEventRecord(start);

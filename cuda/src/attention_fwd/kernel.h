@@ -77,7 +77,8 @@ struct FwdTraits {
   static constexpr int kDvBlocks = kDvPad / 8;  // n8 output blocks
   // The bounded kernels at Dv <= 64 keep no score tile in registers: three blocks of 4 warps
   // fit (<= 168 registers), 12 warps per SM instead of 8 to hide the MUFU / mma latencies.
-  static constexpr int kMinBlocksPerSm = kThreads >= 256 ? 1 : (kBounded ? BINFORMER_FWD_BOUNDED_MIN_BLOCKS : 2);
+  static constexpr int kMinBlocksPerSm =
+      kBounded && kDvPad <= 64 ? BINFORMER_FWD_BOUNDED_MIN_BLOCKS : (kThreads >= 256 ? 1 : 2);
 
   static_assert(kDvPad % 8 == 0 && kDvPad <= 256, "value width");
   static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps");

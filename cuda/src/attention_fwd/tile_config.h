@@ -29,6 +29,9 @@
 #ifndef BINFORMER_FWD_BOUNDED_BLOCK_N
 #define BINFORMER_FWD_BOUNDED_BLOCK_N 128  // key tile of the bounded kernels at Dv <= 64
 #endif
+#ifndef BINFORMER_FWD_BOUNDED_WARPS
+#define BINFORMER_FWD_BOUNDED_WARPS 4  // warps per block of the bounded kernels at Dv <= 64 (4 or 8)
+#endif
 #ifndef BINFORMER_FWD_BOUNDED_MIN_BLOCKS
 #define BINFORMER_FWD_BOUNDED_MIN_BLOCKS 3  // __launch_bounds__ blocks/SM, bounded Dv <= 64
 #endif
@@ -85,7 +88,9 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
 // copy issue, loop) at Dv <= 64. Dv > 64 keeps 64-key tiles (the V tile is 2*Dv bytes a key).
 BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad) {
   const int st = BINFORMER_FWD_STAGES;
-  if (dv_pad <= 64) return TileShape{4, 2, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
+  if (dv_pad <= 64) {
+    return TileShape{BINFORMER_FWD_BOUNDED_WARPS, 8 / BINFORMER_FWD_BOUNDED_WARPS, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
+  }
   return TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
 }
 
