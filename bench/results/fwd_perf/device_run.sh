@@ -6,6 +6,7 @@
 #     && cp -r .whl .carry/fwdsnap/          (then the device tool with carry [".carry/fwdsnap"]:)
 #   cd .carry/fwdsnap && MINIMAL=0 NCU=1 bash bench/results/fwd_perf/device_run.sh
 # Writes everything under $OUT (gtest.txt, bench.txt, ncu_*.txt, build.log).
+# (The run of 19:41 UTC used the filter 'AttentionFwd*', which misses the 155 Cases/AttentionFwd.* tests.)
 #   MINIMAL=1   hdim64 instantiations only (~1 min build); 0: every head dim (the final check)
 #   NCU=1       also profile the bounded kernel and the K pre-pass at (4,16,4096,64)
 #   EXTRA_CMAKE e.g. "-DCMAKE_CUDA_FLAGS=-DBINFORMER_FWD_BOUNDED=0" (the online kernels only)
@@ -25,7 +26,7 @@ cmake --build /tmp/b -j16 --target binformer_cuda_tests >> "$OUT/build.log" 2>&1
 echo "build: $(( $(date +%s) - start )) s (minimal=$MINIMAL)" | tee -a "$OUT/build.log"
 grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -20
 T=/tmp/b/binformer_cuda_tests
-$T --gtest_filter='AttentionFwd*' > "$OUT/gtest.txt" 2>&1
+$T --gtest_filter='*AttentionFwd*' > "$OUT/gtest.txt" 2>&1  # (Cases/AttentionFwd.* and the plain suites)
 grep -E "FAILED|PASSED|SKIPPED \]|tests from" "$OUT/gtest.txt" | tail -25
 $T --gtest_also_run_disabled_tests --gtest_filter='*AttentionFwdBench*' > "$OUT/bench.txt" 2>&1
 grep "attention_fwd " "$OUT/bench.txt"

@@ -75,8 +75,8 @@ struct FwdTraits {
   static constexpr int kBlockM = 16 * kMTiles * kWarps;
   static constexpr int kNBlocks = kBlockN / 8;  // n8 score blocks per tile
   static constexpr int kDvBlocks = kDvPad / 8;  // n8 output blocks
-  // The bounded kernels at Dv <= 64 keep no score tile in registers: three blocks of 4 warps
-  // fit (<= 168 registers), 12 warps per SM instead of 8 to hide the MUFU / mma latencies.
+  // The bounded kernels at Dv <= 64 keep no score tile in registers: 2 blocks of 8 warps x 1
+  // m-tile (<= 128 registers) or 3 blocks of 4 warps x 2 m-tiles (<= 168) per SM (tile_config.h).
   static constexpr int kMinBlocksPerSm =
       kBounded && kDvPad <= 64 ? BINFORMER_FWD_BOUNDED_MIN_BLOCKS : (kThreads >= 256 ? 1 : 2);
 

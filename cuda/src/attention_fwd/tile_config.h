@@ -29,11 +29,14 @@
 #ifndef BINFORMER_FWD_BOUNDED_BLOCK_N
 #define BINFORMER_FWD_BOUNDED_BLOCK_N 128  // key tile of the bounded kernels at Dv <= 64
 #endif
+// The bounded kernels at Dv <= 64: 128-row blocks of 8 warps x 1 m-tile at 128 registers, 2
+// blocks (16 warps) per SM (v2 measured 4 warps x 2 m-tiles at 168 registers, 3 blocks = 12
+// warps: latency-bound, "wait" the first stall reason). 4 and 3 restore that configuration.
 #ifndef BINFORMER_FWD_BOUNDED_WARPS
-#define BINFORMER_FWD_BOUNDED_WARPS 4  // warps per block of the bounded kernels at Dv <= 64 (4 or 8)
+#define BINFORMER_FWD_BOUNDED_WARPS 8  // warps per block (4 or 8; 128 / (16 * warps) m-tiles each)
 #endif
 #ifndef BINFORMER_FWD_BOUNDED_MIN_BLOCKS
-#define BINFORMER_FWD_BOUNDED_MIN_BLOCKS 3  // __launch_bounds__ blocks/SM, bounded Dv <= 64
+#define BINFORMER_FWD_BOUNDED_MIN_BLOCKS 2  // __launch_bounds__ blocks/SM
 #endif
 
 namespace binformer::cuda::fwd {
