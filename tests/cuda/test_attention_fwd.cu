@@ -593,7 +593,8 @@ std::vector<Case> all_cases() {
   };
   // Shapes: tiny, odd, Nq != Nk, partial tiles, longer sequences.
   for (auto [nq, nk] : std::vector<std::pair<int, int>>{
-           {1, 1}, {1, 37}, {7, 13}, {63, 65}, {129, 64}, {197, 197}, {333, 129}, {65, 700}, {700, 300}}) {
+           {1, 1}, {1, 37}, {7, 13}, {63, 65}, {129, 64}, {197, 197}, {333, 129}, {65, 700}, {700, 300},
+           {130, 1100}, {1100, 1100}}) {  // (Nk > 1024: the bounded kernels' 4-warp shape at Dv <= 64)
     Case c;
     c.name = "shape";
     c.Nq = nq;

@@ -50,9 +50,10 @@ __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) 
 
 // kQK != kRuntime selects the bounded-max kernel of kernel_bounded.h (fp16/bf16 V, no dense
 // bias, no per-token k scale; kBoundedRelPos_: with the rel-pos bias); kHasBias_ the online
-// kernel's dense and/or rel-pos bias.
+// kernel's dense and/or rel-pos bias. kBoundedWide_: the bounded kernels' 8-warp block shape at
+// Dv <= 64 (tile_config.h).
 template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
-          bool kBoundedRelPos_ = false>
+          bool kBoundedRelPos_ = false, bool kBoundedWide_ = true>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
@@ -66,7 +67,7 @@ struct FwdTraits {
                 "bounded kernels: fp16/bf16 V without a dense bias");
   static_assert(kBounded || !kBoundedRelPos, "kBoundedRelPos is a bounded-kernel option");
   static constexpr TileShape kShape =
-      kBounded ? fwd_bounded_tile_shape(kDvPad) : fwd_tile_shape(kPv, kDvPad, kHasBias);
+      kBounded ? fwd_bounded_tile_shape(kDvPad, kBoundedWide_) : fwd_tile_shape(kPv, kDvPad, kHasBias);
   static constexpr int kWarps = kShape.warps;
   static constexpr int kMTiles = kShape.m_tiles;
   static constexpr int kBlockN = kShape.block_n;
@@ -78,7 +79,7 @@ struct FwdTraits {
   // The bounded kernels at Dv <= 64 keep no score tile in registers: 2 blocks of 8 warps x 1
   // m-tile (<= 128 registers) or 3 blocks of 4 warps x 2 m-tiles (<= 168) per SM (tile_config.h).
   static constexpr int kMinBlocksPerSm =
-      kBounded && kDvPad <= 64 ? BINFORMER_FWD_BOUNDED_MIN_BLOCKS : (kThreads >= 256 ? 1 : 2);
+      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : 3) : (kThreads >= 256 ? 1 : 2);
 
   static_assert(kDvPad % 8 == 0 && kDvPad <= 256, "value width");
   static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps");

@@ -59,6 +59,17 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   return launch_kernel<Tr>(attention_fwd_bounded_kernel<Tr>, args, smem, stream);
 }
 
+template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, bool kWide>
+cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
+  if (args.d <= 64) {
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kWide>>(args, stream);
+  }
+  if (args.d <= 128) {
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kWide>>(args, stream);
+  }
+  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kWide>>(args, stream);
+}
+
 // fp16/bf16 V without a dense bias and without a per-token k scale: the bounded-max kernels
 // (kernel_bounded.h), one per QK^T form (d <= 64 / 128 / 256), with or without the rel-pos bias.
 // Returns false (nothing launched) when the rel-pos window does not fit in shared memory.
@@ -73,13 +84,13 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
     }
   }
   launched = true;
-  if (args.d <= 64) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos>>(args, stream);
+  // Dv <= 64 without rel-pos: the 4-warp shape for long key ranges (tile_config.h).
+  if constexpr (kDvPad <= 64 && !kRelPos) {
+    if (args.Nk > BINFORMER_FWD_BOUNDED_WIDE_MAX_NK) {
+      return run_bounded_qk<kDvPad, kPv, kDvMasked, false, false>(args, stream);
+    }
   }
-  if (args.d <= 128) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos>>(args, stream);
-  }
-  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos>>(args, stream);
+  return run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true>(args, stream);
 }
 
 template <int kDvPad, PvKind kPv, bool kDvMasked>

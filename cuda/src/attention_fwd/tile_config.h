@@ -29,14 +29,14 @@
 #ifndef BINFORMER_FWD_BOUNDED_BLOCK_N
 #define BINFORMER_FWD_BOUNDED_BLOCK_N 128  // key tile of the bounded kernels at Dv <= 64
 #endif
-// The bounded kernels at Dv <= 64: 128-row blocks of 8 warps x 1 m-tile at 128 registers, 2
-// blocks (16 warps) per SM (v2 measured 4 warps x 2 m-tiles at 168 registers, 3 blocks = 12
-// warps: latency-bound, "wait" the first stall reason). 4 and 3 restore that configuration.
-#ifndef BINFORMER_FWD_BOUNDED_WARPS
-#define BINFORMER_FWD_BOUNDED_WARPS 8  // warps per block (4 or 8; 128 / (16 * warps) m-tiles each)
-#endif
-#ifndef BINFORMER_FWD_BOUNDED_MIN_BLOCKS
-#define BINFORMER_FWD_BOUNDED_MIN_BLOCKS 2  // __launch_bounds__ blocks/SM
+// The bounded kernels at Dv <= 64 come in two block shapes of 128 rows: 4 warps x 2 m-tiles at
+// 168 registers, 3 blocks (12 warps) per SM, and 8 warps x 1 m-tile at 128 registers, 2 blocks
+// (16 warps) per SM. Measured on the H100 (cuda/NOTES_attention_fwd.md, v3): the 8-warp shape
+// is 10-18% faster on short key ranges and with rel-pos, 4% slower at Nk >= 4096 without bias
+// (one V ldmatrix per m16 tile instead of per two, +28% instructions). The dispatcher takes the
+// 8-warp shape with rel-pos and for Nk <= this bound.
+#ifndef BINFORMER_FWD_BOUNDED_WIDE_MAX_NK
+#define BINFORMER_FWD_BOUNDED_WIDE_MAX_NK 1024
 #endif
 
 namespace binformer::cuda::fwd {
@@ -89,11 +89,10 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
 // stream every k16 key step through scores -> exp -> P.V without a tile-wide maximum, so their
 // registers do not grow with the key tile: 128-key tiles halve the per-tile overhead (barrier,
 // copy issue, loop) at Dv <= 64. Dv > 64 keeps 64-key tiles (the V tile is 2*Dv bytes a key).
-BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad) {
+// wide: the 8-warp shape at Dv <= 64 (see BINFORMER_FWD_BOUNDED_WIDE_MAX_NK).
+BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad, bool wide) {
   const int st = BINFORMER_FWD_STAGES;
-  if (dv_pad <= 64) {
-    return TileShape{BINFORMER_FWD_BOUNDED_WARPS, 8 / BINFORMER_FWD_BOUNDED_WARPS, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
-  }
+  if (dv_pad <= 64) return TileShape{wide ? 8 : 4, wide ? 1 : 2, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
   return TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
 }
 
