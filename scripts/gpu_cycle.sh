@@ -48,11 +48,15 @@ if [[ $steps == *" bench_bwd "* ]]; then
   timeout 300 python3 bench/bench_gpu_bwd.py --out "$OUT/gpu_backward.json" 2>&1 | tee "$OUT/bench_bwd.log" | tail -12
 fi
 if [[ $steps == *" ncu "* ]]; then
-  log "ncu"
-  timeout 240 ncu --clock-control none --kernel-name regex:attention_fwd --launch-skip 2 --launch-count 1 --set full \
-      -o "$OUT/ncu_attention_fwd" python3 bench/ncu_target.py > "$OUT/ncu.log" 2>&1; log "ncu rc=$?"
-  ncu --import "$OUT/ncu_attention_fwd.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
-  grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issue Slot|Warp Cycles|Stall" "$OUT/ncu_details.txt" | head -40
+  # NCU_KERNEL / NCU_TARGET / NCU_NAME pick another kernel (e.g. the backward main pass:
+  # NCU_KERNEL=regex:attention_bwd_tc NCU_TARGET=bench/ncu_target_bwd.py NCU_NAME=attention_bwd).
+  name=${NCU_NAME:-attention_fwd}
+  log "ncu $name"
+  timeout 240 ncu --clock-control none --kernel-name "${NCU_KERNEL:-regex:attention_fwd}" --launch-skip ${NCU_SKIP:-2} \
+      --launch-count 1 --set full --import-source yes -o "$OUT/ncu_$name" python3 "${NCU_TARGET:-bench/ncu_target.py}" \
+      > "$OUT/ncu_$name.log" 2>&1; log "ncu rc=$?"
+  ncu --import "$OUT/ncu_$name.ncu-rep" --page details > "$OUT/ncu_${name}_details.txt" 2>&1
+  grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issue Slot|Warp Cycles|Stall" "$OUT/ncu_${name}_details.txt" | head -40
 fi
 if [[ $steps == *" train "* ]]; then
   log "digits training on GPU"

@@ -425,14 +425,19 @@ def grad_tolerances(q, k, v, kwargs, dout, device: str) -> dict[str, torch.Tenso
         b = torch.broadcast_to(kwargs["k_scale"].to(F64), (B, H, Nk)) if "k_scale" in kwargs else torch.ones(B, H, Nk, dtype=F64, device=q.device)
         a_abs, b_abs = a.abs().unsqueeze(-1), b.abs().unsqueeze(-2)
 
-        tol = {"v": eps * (p.transpose(-1, -2) @ do.abs())}
+        # The tensor-core backward rounds P (for dV) and dS * column scalar (for the sign gradients)
+        # to v's dtype, as FlashAttention does: below fp16's normal range (6.1e-5) that rounding is
+        # absolute, half a subnormal spacing per term, which the relative eps above does not cover
+        # (it decides dV of keys that no query attends to much).
+        sub = SUBNORMAL_HALF_SPACING[v.dtype] if v.dtype != torch.float32 else 0.0
+        tol = {"v": eps * (p.transpose(-1, -2) @ do.abs()) + sub * do.abs().sum(-2, keepdim=True)}
         if "q_scale" in kwargs:
             tol["q_scale"] = (ds_tol * scale * b_abs * dot_abs).sum(-1).sum_to_size(kwargs["q_scale"].shape)
         if "k_scale" in kwargs:
             tol["k_scale"] = (ds_tol * scale * a_abs * dot_abs).sum(-2).sum_to_size(kwargs["k_scale"].shape)
         w = ds_tol * scale * a_abs * b_abs
-        tol["q"] = w.sum(-1, keepdim=True).expand(B, H, Nq, d)
-        tol["k"] = w.sum(-2).unsqueeze(-1).expand(B, H, Nk, d)
+        tol["q"] = (w.sum(-1, keepdim=True) + sub * Nk * scale * a_abs).expand(B, H, Nq, d)
+        tol["k"] = (w.sum(-2).unsqueeze(-1) + sub * Nq * scale * b_abs.transpose(-1, -2)).expand(B, H, Nk, d)
         if "bias" in kwargs:
             tol["bias"] = ds_tol.sum_to_size(kwargs["bias"].shape)
         if "rel_pos_table" in kwargs:
