@@ -17,7 +17,7 @@ if [[ $steps == *" build "* ]]; then
   log "build: CUDA library + gtest (sm_90a, every instantiation)"
   if [ -f .carry/libbinformer_cuda.a ]; then log "(prebuilt library carried)"; fi
   cmake -S . -B build-tests -G Ninja -DBINFORMER_BUILD_PYTHON=OFF -DBINFORMER_BUILD_TESTS=ON \
-        -DBINFORMER_CUDA_ARCHS=90a > "$OUT/build.log" 2>&1 &&
+        -DBINFORMER_CUDA_ARCHS=90a ${CMAKE_EXTRA:-} > "$OUT/build.log" 2>&1 &&
   cmake --build build-tests -j 16 >> "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
   log "build: torch binding against the built library"
   python3 -m pip install -q --no-build-isolation --no-deps . \
@@ -57,6 +57,10 @@ if [[ $steps == *" ncu "* ]]; then
       > "$OUT/ncu_$name.log" 2>&1; log "ncu rc=$?"
   ncu --import "$OUT/ncu_$name.ncu-rep" --page details > "$OUT/ncu_${name}_details.txt" 2>&1
   grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issue Slot|Warp Cycles|Stall" "$OUT/ncu_${name}_details.txt" | head -40
+  # NCU_SOURCE=1: per-SASS-instruction counters (build with CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-lineinfo).
+  if [ -n "${NCU_SOURCE:-}" ]; then
+    ncu --import "$OUT/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${name}_sass.csv" 2>&1
+  fi
 fi
 if [[ $steps == *" train "* ]]; then
   log "digits training on GPU"
