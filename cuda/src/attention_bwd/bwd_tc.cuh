@@ -282,8 +282,12 @@ attention_bwd_tc_kernel(const BwdArgs a) {
     // ---- P (registers). Interior tiles (every element in range and unmasked: most tiles of a
     // long sequence) skip the per-element index tests.
     float s_p[Tr::kColTiles][4];
-    auto compute_p = [&](auto check_bounds) {
+    // Both flags are compile-time so that the common case (no bias, interior tile) is
+    // straight-line code: a runtime `if (has_bias)` per element splits the unrolled tile into
+    // one basic block per element and serialises the exp chains (v1's main cost).
+    auto compute_p = [&](auto check_bounds, auto with_bias) {
       constexpr bool kCheck = decltype(check_bounds)::value;
+      constexpr bool kBias = decltype(with_bias)::value;
 #pragma unroll
       for (int nt = 0; nt < Tr::kColTiles; ++nt) {
 #pragma unroll
@@ -304,7 +308,7 @@ attention_bwd_tc_kernel(const BwdArgs a) {
             s_dot[nt][e] = dot;
             const float lse2 = kKeyMajor ? rec.x : row_lse2[rs2];
             float offset = -lse2;
-            if (has_bias && valid) offset += bias(b, h, i, j);
+            if (kBias && valid) offset += bias(b, h, i, j);
             s_p[nt][e] = valid ? ex2_approx(fmaf(dot, row_factor[rs2] * col_factor, offset)) : 0.f;
           }
         }
@@ -314,8 +318,13 @@ attention_bwd_tc_kernel(const BwdArgs a) {
       const int64_t q_lo = kKeyMajor ? c0 : row0, q_hi = q_lo + (kKeyMajor ? Tr::kCols : Tr::kRows);
       const int64_t k_lo = kKeyMajor ? row0 : c0, k_hi = k_lo + (kKeyMajor ? Tr::kRows : Tr::kCols);
       const bool interior = q_hi <= a.Nq && k_hi <= a.Nk && !(a.causal && k_hi - 1 > q_lo);
-      if (interior) compute_p(std::false_type{});
-      else compute_p(std::true_type{});
+      if (has_bias) {
+        if (interior) compute_p(std::false_type{}, std::true_type{});
+        else compute_p(std::true_type{}, std::true_type{});
+      } else {
+        if (interior) compute_p(std::false_type{}, std::false_type{});
+        else compute_p(std::true_type{}, std::false_type{});
+      }
     }
 
     // ---- dP = X Y^T (16 rows x kCols per warp, k = channels)
