@@ -52,6 +52,8 @@ constexpr int kKeyBlockSimt = 32;
 // wide as the registers allow (the pass holds dV, 16 x hdim fp32 per warp). The CUDA-core main
 // pass uses 32. The finalize kernel needs it for the causal rule (first_query_tile).
 __host__ __device__ constexpr int tc_main_cols(int hdim) { return hdim <= 64 ? 64 : hdim <= 128 ? 32 : 16; }
+// Query-tile width of the v2 main pass (bwd_main.cuh: no bias / rel-pos, head dims <= 128).
+constexpr int kFastMainCols = 64;
 
 // Everything the kernels read, flattened once on the host.
 struct BwdArgs {
@@ -86,6 +88,7 @@ struct BwdArgs {
   int key_block;              // keys per CTA of the main pass (kKeyBlockTc or kKeyBlockSimt)
   int num_key_blocks;         // ceil(Nk / key_block)
   int main_cols;              // query-tile width of the main pass
+  bool main_v2;               // the main pass is bwd_main.cuh's (else bwd_tc.cuh's / bwd_simt's)
 };
 
 // ---------------------------------------------------------------- small device helpers

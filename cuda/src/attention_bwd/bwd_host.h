@@ -4,10 +4,20 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "bwd_common.cuh"
 
 namespace binformer::cuda::bwd {
+
+// BINFORMER_BWD_MAIN_V1=1 in the environment: run v1's main pass everywhere (read once).
+inline bool main_v1_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("BINFORMER_BWD_MAIN_V1");
+    return e != nullptr && e[0] == '1';
+  }();
+  return forced;
+}
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 inline bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
@@ -111,9 +121,13 @@ inline BwdArgs make_bwd_args(const AttentionBwdParams& p, const WorkspaceLayout&
   a.drel_partial = p.drel_pos_table ? reinterpret_cast<float*>(ws + w.drel_partial) : nullptr;
   a.key_block = w.key_block;
   a.num_key_blocks = w.num_key_blocks;
-  // Query-tile width of the main pass that will run (the CUDA-core pass uses 32 x 32 tiles).
+  // Which main pass runs and its query-tile width (the CUDA-core pass uses 32 x 32 tiles). The
+  // v2 pass (bwd_main.cuh) covers the tensor-core path without bias, rel-pos table, dbias or
+  // drel at head dims <= 128; BINFORMER_BWD_MAIN_V1=1 forces v1 (A/B timing, bisecting).
   const int hdim = p.head_dim > p.v_dim ? p.head_dim : p.v_dim;
-  a.main_cols = w.key_block == kKeyBlockTc ? tc_main_cols(hdim) : kKeyBlockSimt;
+  a.main_v2 = w.key_block == kKeyBlockTc && hdim <= 128 && !p.bias && !p.rel_pos_table && !p.dbias &&
+              !p.drel_pos_table && !main_v1_forced();
+  a.main_cols = w.key_block != kKeyBlockTc ? kKeyBlockSimt : a.main_v2 ? kFastMainCols : tc_main_cols(hdim);
 
   return a;
 }

@@ -501,6 +501,8 @@ attention_bwd_tc_kernel(const BwdArgs a) {
 
 }  // namespace binformer::cuda::bwd::tc
 
+#include "bwd_main.cuh"  // the v2 main pass (uses pack2 above)
+
 // ---------------------------------------------------------------- host side
 #if !defined(BINFORMER_BWD_HOST_EMULATION)
 namespace binformer::cuda::bwd::tc {
@@ -529,7 +531,11 @@ template <class T, int kHdim>
 cudaError_t run_attention_bwd_tc(const BwdArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (a.dv || a.dq_scale || a.dk_scale || a.dbias || a.drel) {
-    err = tc::launch_pass<T, kHdim, true, true>(a, stream);
+    if constexpr (kHdim <= 128) {
+      err = a.main_v2 ? tc::launch_main_v2<T, kHdim>(a, stream) : tc::launch_pass<T, kHdim, true, true>(a, stream);
+    } else {
+      err = tc::launch_pass<T, kHdim, true, true>(a, stream);
+    }
     if (err != cudaSuccess) return err;
   }
   if (a.dk_sign) {

@@ -216,6 +216,19 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
 
+// d = a b + c with separate c (the kernels' loop-invariant-offset forms).
+inline void mma_b1_and_popc(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const int (&c)[4]) {
+  int acc[4] = {c[0], c[1], c[2], c[3]};
+  mma_b1_and_popc(acc, a, b0, b1);
+  for (int e = 0; e < 4; ++e) d[e] = acc[e];
+}
+template <class T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const float (&c)[4]) {
+  float acc[4] = {c[0], c[1], c[2], c[3]};
+  mma_16816<T>(acc, a, b0, b1);
+  for (int e = 0; e < 4; ++e) d[e] = acc[e];
+}
+
 inline uint16_t load16(const void* row_address, unsigned col) {
   uint16_t v;
   std::memcpy(&v, static_cast<const unsigned char*>(row_address) + 2 * col, 2);

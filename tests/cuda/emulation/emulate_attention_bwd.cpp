@@ -40,8 +40,24 @@ void tc_pass(const BwdArgs& a) {
 }
 
 template <class T, int kHdim>
+void main_v2_pass(const BwdArgs& a) {
+  if constexpr (kHdim <= 128) {
+    using Tr = tc::MainTraits<T, kHdim>;
+    const unsigned blocks = unsigned((a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H);
+    if (blocks == 0) return;
+    bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim>, blocks, unsigned(Tr::kThreads),
+                          Tr::kSmemBytes, a);
+  } else {
+    std::abort();  // make_bwd_args never picks v2 above hdim 128
+  }
+}
+
+template <class T, int kHdim>
 void tc_passes(const BwdArgs& a) {
-  if (a.dv || a.dq_scale || a.dk_scale || a.dbias || a.drel) tc_pass<T, kHdim, true, true>(a);
+  if (a.dv || a.dq_scale || a.dk_scale || a.dbias || a.drel) {
+    if (a.main_v2) main_v2_pass<T, kHdim>(a);
+    else tc_pass<T, kHdim, true, true>(a);
+  }
   if (a.dk_sign) tc_pass<T, kHdim, true, false>(a);
   if (a.dq_sign) tc_pass<T, kHdim, false, false>(a);
 }
@@ -115,6 +131,7 @@ bool run_case(const BwdCase& c, std::mt19937_64& rng) {
   std::vector<unsigned char> workspace(layout_for(prm).total + 256, 0xff);
   prm.workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data()) + 255) & ~uintptr_t(255));
   const bool tensor_cores = use_tensor_cores(prm);
+  const bool main_v2 = make_bwd_args(prm, layout_for(prm)).main_v2;
   if (!emulate_attention_bwd(prm)) {
     std::printf("FAIL  %s: rejected\n", binformer::test::describe(c).c_str());
     return false;
@@ -132,7 +149,7 @@ bool run_case(const BwdCase& c, std::mt19937_64& rng) {
     o.at(k).assign(buffers[k].begin(), buffers[k].begin() + sizes[k]);
   }
   for (auto& f : binformer::test::check_against_reference(p, o)) fails.push_back(f);
-  std::printf("%s  [%s] %s\n", fails.empty() ? "PASS" : "FAIL", tensor_cores ? "tensor cores" : "CUDA cores",
+  std::printf("%s  [%s] %s\n", fails.empty() ? "PASS" : "FAIL", tensor_cores ? (main_v2 ? "tensor cores, main v2" : "tensor cores") : "CUDA cores",
               binformer::test::describe(c).c_str());
   for (auto& f : fails) std::printf("      %s\n", f.c_str());
   std::fflush(stdout);
@@ -205,6 +222,24 @@ int main(int argc, char** argv) {
     c.B = 2; c.H = 2; c.Nq = c.Nk = 97; c.d = 256; c.dv = 24; c.scale = 0.5;
     c.q_scale = ScaleMode::kPerHead; c.k_scale = ScaleMode::kPerHead;
     c.dense_bias = true; c.bias_dtype = DType::kFloat16; c.bias_broadcast_batch = true;
+    add(c);
+  }
+  {
+    // v2 main pass (bwd_main.cuh): extended-bit words past 4 (d > 64), d % 32 != 0 (masked
+    // complement words), one word, causal chunks skipped per warp, Nq > Nk and Nq < Nk, several
+    // key blocks and query tiles, hdim128's 8-warp shape.
+    BwdCase c;
+    c.q_scale = ScaleMode::kPerToken; c.k_scale = ScaleMode::kPerToken;
+    c.B = 1; c.H = 1; c.Nq = 200; c.Nk = 260; c.d = 128; c.dv = 128; c.causal = true;
+    add(c);
+    c.v_dtype = DType::kBFloat16; c.causal = false; c.Nq = 130; c.Nk = 70; c.d = 96; c.dv = 72;
+    add(c);
+    c.v_dtype = DType::kFloat16; c.causal = true; c.Nq = 300; c.Nk = 140; c.d = 40; c.dv = 64;
+    c.q_scale = ScaleMode::kNone;
+    add(c);
+    c.causal = false; c.Nq = 1; c.Nk = 150; c.d = 8; c.dv = 8; c.q_scale = ScaleMode::kPerToken;
+    add(c);
+    c.Nq = 129; c.Nk = 1; c.d = 32; c.dv = 48;
     add(c);
   }
   // Optional: run only case N (argv[1]).

@@ -1,0 +1,414 @@
+// attention_bwd v2 main pass: key-major, tensor cores, for the common case (no dense bias, no
+// rel-pos table, no dbias / drel output, head dims d, Dv <= 128). Outputs dV, dk_scale and the
+// partial dq_scale rows (the finalize kernel sums them), like v1's main pass (bwd_tc.cuh), which
+// still serves every other case. See cuda/NOTES_pack_gemm_bwd.md, "v2", for the reasoning.
+//
+// What differs from v1, per score element:
+//  * dot from the b1 mma alone: the row and column bit strings are extended to [bits, ~bits]
+//    (2 ceil(d/32) <= 8 words, inside the k = 256 of one m16n8k256), so AND.popc counts the
+//    matching signs m and dot = 2 m - d. The accumulator starts at 0x4B000000 (2^23 as a float),
+//    so the s32 result read as a float is 2^23 + m exactly: one FADD gives dot / 2. v1 needed
+//    LOP3 + FADD (int -> float) + FADD + FFMA (popcount corrections).
+//  * P = ex2(dot/2 * (a_i 2 scale log2e) b_j - lse_i log2e): FMUL + FFMA + MUFU.
+//  * dS = P (dP - D); u = dS dot/2; dk_scale_j += u a_i; column part += u b_j (the factor
+//    2 scale is applied once, at the end).
+//  * the column sums over the warp's keys are a reduce-scatter (4 shuffles per 16 x 32 chunk and
+//    thread instead of 12), then warps in a fixed order through shared memory, deferred to the
+//    next tile's barrier.
+//  * a warp owns kMTiles m-tiles of 16 keys (2 at hdim 64): every dO fragment read from shared
+//    memory feeds kMTiles mmas, which halves the shared-memory traffic per score element (v1 read
+//    16 bytes of dO per element, as much as the SM's shared-memory bandwidth allows for the
+//    target), and the two m-tiles are independent chains for the scheduler.
+//  * the 64-query tile is processed in 16-query chunks (b1 mma -> P -> dP -> dS -> dV k-step), so
+//    only one chunk of P / dP / dot is live (registers), and a chunk that is entirely in range and
+//    unmasked for the warp runs without index tests.
+// Deterministic: every sum has one owner and a fixed order, no atomics.
+#pragma once
+#include "bwd_common.cuh"
+#include "bwd_ptx.cuh"
+
+namespace binformer::cuda::bwd::tc {
+
+template <class T, int kHdim>
+struct MainTraits {
+  static_assert(kHdim == 64 || kHdim == 128, "v2 main pass: head-dim buckets 64 and 128");
+  static constexpr int kMTiles = kHdim <= 64 ? 2 : 1;  // 16-key m-tiles per warp (dV: registers)
+  static constexpr int kRows = kKeyBlockTc;             // keys per CTA (fixes the partial layout)
+  static constexpr int kWarps = kRows / (16 * kMTiles);
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kMinBlocks = kHdim <= 64 ? 2 : 1;
+  static constexpr int kCols = kFastMainCols;  // queries per tile (one cp.async stage)
+  static constexpr int kChunks = kCols / 16;
+  static constexpr int kStride = kHdim + 8;  // smem row stride of V / dO in T (16-byte skew)
+  static constexpr int kDvTiles = kHdim / 8;
+  static constexpr int kDvSteps = kHdim / 16;
+  static constexpr int kBitWords = 4;             // words per query row in smem (d <= 128)
+  static constexpr bool kHighWords = kHdim > 64;  // extended bits can reach words 4..7
+
+  static constexpr size_t kVBytes = size_t(kRows) * kStride * sizeof(T);
+  static constexpr size_t kDoBytes = size_t(kCols) * kStride * sizeof(T);
+  static constexpr size_t kBitsBytes = size_t(kCols) * kBitWords * 4;
+  static constexpr size_t kRecBytes = size_t(kCols) * 16;
+  static constexpr size_t kOffDo = kVBytes;
+  static constexpr size_t kOffBits = kOffDo + 2 * kDoBytes;
+  static constexpr size_t kOffRec = kOffBits + 2 * kBitsBytes;
+  static constexpr size_t kOffColSum = kOffRec + 2 * kRecBytes;
+  static constexpr size_t kSmemBytes = kOffColSum + 2 * size_t(kWarps) * kCols * 4;
+};
+
+// Word w (0..7) of the extended bit string [bits, ~bits, 0...] of a d-bit row: which stored word
+// it comes from, whether it is complemented, and which bits are valid (pad bits stay 0).
+struct ExtWord {
+  int src;
+  uint32_t flip, mask;
+  __device__ __forceinline__ uint32_t operator()(uint32_t stored) const { return (stored ^ flip) & mask; }
+};
+__device__ __forceinline__ ExtWord ext_word(int w, int d, int words) {
+  const uint32_t last_mask = (d & 31) ? (1u << (d & 31)) - 1u : ~0u;
+  ExtWord e;
+  if (w < words) {
+    e.src = w; e.flip = 0u; e.mask = w == words - 1 ? last_mask : ~0u;
+  } else if (w < 2 * words) {
+    e.src = w - words; e.flip = ~0u; e.mask = w - words == words - 1 ? last_mask : ~0u;
+  } else {
+    e.src = 0; e.flip = 0u; e.mask = 0u;
+  }
+  return e;
+}
+
+template <class T, int kHdim>
+__global__ void __launch_bounds__(MainTraits<T, kHdim>::kThreads, MainTraits<T, kHdim>::kMinBlocks)
+attention_bwd_main_kernel(const BwdArgs a) {
+  using Tr = MainTraits<T, kHdim>;
+  constexpr int kM = Tr::kMTiles;
+  BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem);
+  T* v_smem = reinterpret_cast<T*>(smem);
+  T* do_smem = reinterpret_cast<T*>(smem + Tr::kOffDo);
+  uint32_t* bits_smem = reinterpret_cast<uint32_t*>(smem + Tr::kOffBits);
+  float4* rec_smem = reinterpret_cast<float4*>(smem + Tr::kOffRec);
+  float* colsum_smem = reinterpret_cast<float*>(smem + Tr::kOffColSum);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
+  const int64_t row_blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows;
+  const int64_t bh = int64_t(blockIdx.x) / row_blocks, row_block = int64_t(blockIdx.x) - bh * row_blocks;
+  const int64_t b = bh / a.H, h = bh - b * a.H;
+  const int64_t row0 = row_block * Tr::kRows;
+  const int dv = a.dv_dim, d = a.d, words = a.words;
+
+  const uint32_t* k_bits = a.k_bits + b * a.k_stride[0] + h * a.k_stride[1];
+  const uint32_t* q_bits = a.q_bits + b * a.q_stride[0] + h * a.q_stride[1];
+  const T* v_gmem = static_cast<const T*>(a.v) + b * a.v_stride[0] + h * a.v_stride[1];
+  const T* do_gmem = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1];
+  const float4* krec = a.krec + bh * a.Nk;
+  const float4* qrec = a.qrec + bh * a.Nq;
+
+  const int64_t tile_begin = first_query_tile(a.causal, row_block, Tr::kRows, Tr::kCols);
+  const int64_t tile_end = (a.Nq + Tr::kCols - 1) / Tr::kCols;
+
+  // ---- V block and the first query tile (dO rows zero-filled past Dv and past Nq)
+  constexpr int kVec = kHdim / 8;  // 16-byte pieces per row
+  for (int e = tid; e < Tr::kRows * kVec; e += Tr::kThreads) {
+    const int r = e / kVec, ch = (e - r * kVec) * 8;
+    const bool ok = row0 + r < a.Nk && ch < dv;
+    cp_async_16(v_smem + r * Tr::kStride + ch, ok ? v_gmem + (row0 + r) * a.v_stride[2] + ch : v_gmem, ok);
+  }
+  auto load_tile = [&](int64_t tile, int buf) {
+    const int64_t c0 = tile * Tr::kCols;
+    T* ys = do_smem + buf * (Tr::kCols * Tr::kStride);
+    for (int e = tid; e < Tr::kCols * kVec; e += Tr::kThreads) {
+      const int c = e / kVec, ch = (e - c * kVec) * 8;
+      const bool ok = c0 + c < a.Nq && ch < dv;
+      cp_async_16(ys + c * Tr::kStride + ch, ok ? do_gmem + (c0 + c) * a.dout_stride[2] + ch : do_gmem, ok);
+    }
+    uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords);
+    for (int e = tid; e < Tr::kCols * Tr::kBitWords; e += Tr::kThreads) {
+      const int c = e / Tr::kBitWords, w = e - c * Tr::kBitWords;
+      const bool ok = c0 + c < a.Nq && w < words;
+      cp_async_4(bs + e, ok ? q_bits + (c0 + c) * a.q_stride[2] + w : q_bits, ok);
+    }
+    float4* rs = rec_smem + buf * Tr::kCols;
+    for (int e = tid; e < Tr::kCols; e += Tr::kThreads) {
+      const bool ok = c0 + e < a.Nq;
+      cp_async_16(rs + e, ok ? qrec + c0 + e : qrec, ok);
+    }
+    cp_async_commit();
+  };
+  if (tile_begin < tile_end) load_tile(tile_begin, 0);
+  else cp_async_commit();
+
+  // ---- row (key) state in registers
+  const int64_t warp_row0 = row0 + warp * (16 * kM);
+  int64_t my_row[kM][2];
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+    my_row[mt][0] = warp_row0 + mt * 16 + g;
+    my_row[mt][1] = warp_row0 + mt * 16 + g + 8;
+  }
+  // b1 A fragments of the extended key bits: a0 / a1 = word t of rows g / g + 8, a2 / a3 = word
+  // t + 4 (always zero at hdim 64: 2 ceil(64/32) = 4 words).
+  uint32_t abits[kM][4];
+  const ExtWord ext_lo = ext_word(t, d, words), ext_hi = ext_word(t + 4, d, words);
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t r = my_row[mt][k & 1];
+      const ExtWord& e = (k >> 1) ? ext_hi : ext_lo;
+      const bool ok = r < a.Nk && e.mask != 0u && (Tr::kHighWords || (k >> 1) == 0);
+      abits[mt][k] = ok ? e(__ldg(k_bits + r * a.k_stride[2] + e.src)) : 0u;
+    }
+  }
+  float row_b[kM][2];  // b_j (0 on padding rows)
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) row_b[mt][k] = my_row[mt][k] < a.Nk ? krec[my_row[mt][k]].x : 0.f;
+  }
+
+  float acc[kM][Tr::kDvTiles][4];  // dV
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int i = 0; i < Tr::kDvTiles; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+  }
+  float dk_sum[kM][2] = {};  // sum_i dS dot/2 a_i of rows g, g + 8
+
+  const float two_scale = 2.f * a.scale;
+  const float col_factor_scale = two_scale * kLog2e;   // a_i -> a_i 2 scale log2e
+  const float dot_offset = 8388608.f + 0.5f * float(d);  // (2^23 + m) - (2^23 + d/2) = dot / 2
+
+  // Partial dq_scale of one query tile: the warps' column sums in a fixed order.
+  auto flush_column_sums = [&](int64_t tile, int buf) {
+    const int64_t i = tile * Tr::kCols + tid;
+    if (tid < Tr::kCols && i < a.Nq) {
+      const float* cs = colsum_smem + buf * (Tr::kWarps * Tr::kCols);
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < Tr::kWarps; ++w) s += cs[w * Tr::kCols + tid];
+      a.dq_scale_partial[(bh * a.num_key_blocks + row_block) * a.Nq + i] = s * two_scale;
+    }
+  };
+
+  cp_async_wait_all();
+  __syncthreads();
+  // V fragments (A operand of dP = V dO^T), kept in registers for the whole pass.
+  uint32_t vfrag[kM][Tr::kDvSteps][4];
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+    const T* vw = v_smem + (warp * 16 * kM + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kStride +
+                  (lane >> 4) * 8;
+#pragma unroll
+    for (int ks = 0; ks < Tr::kDvSteps; ++ks) ldmatrix_x4(vfrag[mt][ks], vw + ks * 16);
+  }
+  // Per-lane smem offsets of the dO fragments of a chunk: non-transposed (dP) and transposed (dV).
+  const int do_off = ((lane >> 4) * 8 + (lane & 7)) * Tr::kStride + ((lane >> 3) & 1) * 8;
+  const int do_off_t = (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kStride + (lane >> 4) * 8;
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int buf = int((tile - tile_begin) & 1);
+    cp_async_wait_all();
+    __syncthreads();
+    if (tile + 1 < tile_end) load_tile(tile + 1, buf ^ 1);
+    // The previous tile's column sums are complete (barrier above).
+    if (tile > tile_begin) flush_column_sums(tile - 1, buf ^ 1);
+    const int64_t c0 = tile * Tr::kCols;
+    const T* ys = do_smem + buf * (Tr::kCols * Tr::kStride);
+    const uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords);
+    const float4* rs = rec_smem + buf * Tr::kCols;
+    float* colsum = colsum_smem + (buf * Tr::kWarps + warp) * Tr::kCols;
+
+#pragma unroll 1
+    for (int kc = 0; kc < Tr::kChunks; ++kc) {
+      const int64_t q0 = c0 + kc * 16;
+      // Warp-uniform: the chunk's 16 queries against the warp's 16 kM keys.
+      const int64_t k_lo = warp_row0, k_hi = warp_row0 + 16 * kM;
+      if (a.causal && k_lo > q0 + 15) {  // every key after every query: P = 0, nothing to add
+        if ((g & 1) == 0) colsum[kc * 16 + (g >> 2) * 8 + 2 * t + ((g >> 1) & 1)] = 0.f;
+        continue;
+      }
+      const bool interior = q0 + 16 <= a.Nq && k_hi <= a.Nk && !(a.causal && k_hi - 1 > q0);
+
+      auto chunk = [&](auto check_bounds) {
+        constexpr bool kCheck = decltype(check_bounds)::value;
+        // Column records {lse log2e, D, a_i, -} of the 4 queries this thread touches.
+        float c_lse[2][2], c_D[2][2], c_a[2][2], c_f[2][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int cs = 0; cs < 2; ++cs) {
+            const float4 r = rs[kc * 16 + nt * 8 + 2 * t + cs];
+            c_lse[nt][cs] = r.x;
+            c_D[nt][cs] = r.y;
+            c_a[nt][cs] = r.z;
+            c_f[nt][cs] = r.z * col_factor_scale;
+          }
+        }
+        // dot / 2 from the b1 mma (see the header comment).
+        float s_x[kM][2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const uint32_t* cb = bs + (kc * 16 + nt * 8 + g) * Tr::kBitWords;
+          const uint32_t b0 = ext_lo(cb[ext_lo.src]);
+          const uint32_t b1 = Tr::kHighWords ? ext_hi(cb[ext_hi.src]) : 0u;
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            int pc[4] = {0x4B000000, 0x4B000000, 0x4B000000, 0x4B000000};
+            mma_b1_and_popc(pc, abits[mt], b0, b1);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s_x[mt][nt][e] = __int_as_float(pc[e]) - dot_offset;
+          }
+        }
+        // P = 2^(dot/2 f_i b_j - lse_i log2e), zero where masked.
+        float s_p[kM][2][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int rs2 = e >> 1, cs = e & 1;
+              const float p = ex2_approx(fmaf(s_x[mt][nt][e], c_f[nt][cs] * row_b[mt][rs2], -c_lse[nt][cs]));
+              if constexpr (kCheck) {
+                const int64_t i = q0 + nt * 8 + 2 * t + cs, j = my_row[mt][rs2];
+                const bool valid = i < a.Nq && j < a.Nk && !(a.causal && j > i);
+                s_p[mt][nt][e] = valid ? p : 0.f;
+              } else {
+                s_p[mt][nt][e] = p;
+              }
+            }
+          }
+        }
+        // dP = V dO^T (k = channels); each dO fragment serves the kM m-tiles.
+        float s_dp[kM][2][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) s_dp[mt][nt][0] = s_dp[mt][nt][1] = s_dp[mt][nt][2] = s_dp[mt][nt][3] = 0.f;
+        }
+#pragma unroll
+        for (int ks = 0; ks < Tr::kDvSteps; ++ks) {
+          if (ks * 16 >= dv) break;
+          uint32_t yb[4];
+          ldmatrix_x4(yb, ys + kc * 16 * Tr::kStride + do_off + ks * 16);
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            mma_16816<T>(s_dp[mt][0], vfrag[mt][ks], yb[0], yb[1]);
+            mma_16816<T>(s_dp[mt][1], vfrag[mt][ks], yb[2], yb[3]);
+          }
+        }
+        // dS and its sums.
+        float col_part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int rs2 = e >> 1, cs = e & 1;
+              const float u = s_p[mt][nt][e] * (s_dp[mt][nt][e] - c_D[nt][cs]) * s_x[mt][nt][e];
+              dk_sum[mt][rs2] = fmaf(u, c_a[nt][cs], dk_sum[mt][rs2]);
+              col_part[nt][cs] = fmaf(u, row_b[mt][rs2], col_part[nt][cs]);
+            }
+          }
+        }
+        // Column sums over the warp's keys: reduce-scatter over g (lane bits 4, 3, 2). After it,
+        // lane (g, t) holds query column (g >> 2) * 8 + 2 t + ((g >> 1) & 1) of the chunk.
+        {
+          const bool up16 = (lane & 16) != 0, up8 = (lane & 8) != 0;
+          float keep0 = up16 ? col_part[1][0] : col_part[0][0];
+          float keep1 = up16 ? col_part[1][1] : col_part[0][1];
+          const float send0 = up16 ? col_part[0][0] : col_part[1][0];
+          const float send1 = up16 ? col_part[0][1] : col_part[1][1];
+          keep0 += __shfl_xor_sync(0xffffffffu, send0, 16);
+          keep1 += __shfl_xor_sync(0xffffffffu, send1, 16);
+          float keep = up8 ? keep1 : keep0;
+          const float send = up8 ? keep0 : keep1;
+          keep += __shfl_xor_sync(0xffffffffu, send, 8);
+          keep += __shfl_xor_sync(0xffffffffu, keep, 4);
+          if ((g & 1) == 0) colsum[kc * 16 + (g >> 2) * 8 + 2 * t + ((g >> 1) & 1)] = keep;
+        }
+        // dV += P^T dO: P (rounded to T, as FlashAttention does) is the A operand straight from
+        // the accumulator layout, k = the chunk's 16 queries.
+        uint32_t pa[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          pa[mt][0] = pack2<T>(s_p[mt][0][0], s_p[mt][0][1]);
+          pa[mt][1] = pack2<T>(s_p[mt][0][2], s_p[mt][0][3]);
+          pa[mt][2] = pack2<T>(s_p[mt][1][0], s_p[mt][1][1]);
+          pa[mt][3] = pack2<T>(s_p[mt][1][2], s_p[mt][1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < Tr::kDvTiles / 2; ++dp) {
+          if (dp * 16 >= dv) break;
+          uint32_t yb[4];
+          ldmatrix_x4_trans(yb, ys + kc * 16 * Tr::kStride + do_off_t + dp * 16);
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            mma_16816<T>(acc[mt][2 * dp], pa[mt], yb[0], yb[1]);
+            mma_16816<T>(acc[mt][2 * dp + 1], pa[mt], yb[2], yb[3]);
+          }
+        }
+      };
+      if (interior) chunk(std::false_type{});
+      else chunk(std::true_type{});
+    }
+  }
+
+  // ---- epilogue
+  if (tile_begin < tile_end) {
+    __syncthreads();
+    if (a.dq_scale) flush_column_sums(tile_end - 1, int((tile_end - 1 - tile_begin) & 1));
+  }
+  if (a.dv) {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+      for (int dt = 0; dt < Tr::kDvTiles; ++dt) {
+        const int ch = dt * 8 + 2 * t;
+        if (ch >= dv) break;
+#pragma unroll
+        for (int rs2 = 0; rs2 < 2; ++rs2) {
+          const int64_t j = my_row[mt][rs2];
+          if (j < a.Nk) {
+            *reinterpret_cast<float2*>(a.dv + (bh * a.Nk + j) * dv + ch) =
+                make_float2(acc[mt][dt][rs2 * 2], acc[mt][dt][rs2 * 2 + 1]);
+          }
+        }
+      }
+    }
+  }
+  if (a.dk_scale) {
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+      for (int rs2 = 0; rs2 < 2; ++rs2) {
+        float v = dk_sum[mt][rs2];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (t == 0 && my_row[mt][rs2] < a.Nk) a.dk_scale[bh * a.Nk + my_row[mt][rs2]] = v * two_scale;
+      }
+    }
+  }
+}
+
+}  // namespace binformer::cuda::bwd::tc
+
+#if !defined(BINFORMER_BWD_HOST_EMULATION)
+namespace binformer::cuda::bwd::tc {
+
+template <class T, int kHdim>
+cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
+  using Tr = MainTraits<T, kHdim>;
+  const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  auto kernel = attention_bwd_main_kernel<T, kHdim>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace binformer::cuda::bwd::tc
+#endif  // !BINFORMER_BWD_HOST_EMULATION
