@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One build-test-benchmark cycle on the lent GPU machine (see bench/NOTES.md). Logs go to $OUT.
-# Usage: bash scripts/gpu_cycle.sh [build] [gtest] [pytest] [sanitize] [bench] [bench_bwd] [ncu] [train]
+# Usage: bash scripts/gpu_cycle.sh [build] [gtest] [pytest] [sanitize] [bench] [bench_bwd] [gbench] [ab] [ncu] [train]
+#   BENCH_TAG   suffix of the bench output files (A/B runs of the same step, e.g. with a runtime switch set)
+#   gbench      the disabled *Bench gtests (GBENCH_FILTER), kernel times without torch
+#   ab          a minimal (hdim64) build with BASE_FLAGS (the -D knobs of the baseline) and its gbench
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,11 +44,26 @@ if [[ $steps == *" sanitize "* ]]; then
 fi
 if [[ $steps == *" bench "* ]]; then
   log "bench forward"
-  timeout 420 python3 bench/bench_gpu.py --out "$OUT/gpu_forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -20
+  timeout 420 python3 bench/bench_gpu.py --out "$OUT/gpu_forward${BENCH_TAG:-}.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench${BENCH_TAG:-}.log" | tail -20
 fi
 if [[ $steps == *" bench_bwd "* ]]; then
   log "bench backward"
-  timeout 300 python3 bench/bench_gpu_bwd.py --out "$OUT/gpu_backward.json" 2>&1 | tee "$OUT/bench_bwd.log" | tail -12
+  timeout 300 python3 bench/bench_gpu_bwd.py --out "$OUT/gpu_backward${BENCH_TAG:-}.json" ${BENCH_BWD_ARGS:-} 2>&1 | tee "$OUT/bench_bwd${BENCH_TAG:-}.log" | tail -12
+fi
+if [[ $steps == *" gbench "* ]]; then
+  log "gtest benches ${GBENCH_FILTER:-*AttentionFwdBench*}"
+  timeout 300 ./build-tests/binformer_cuda_tests --gtest_also_run_disabled_tests \
+      --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" > "$OUT/gbench${BENCH_TAG:-}.log" 2>&1; log "gbench rc=$?"
+  grep -E "^attention|^ *(fwd|bwd)|us" "$OUT/gbench${BENCH_TAG:-}.log" | head -40
+fi
+if [[ $steps == *" ab "* ]]; then
+  log "baseline build (minimal, CMAKE_CUDA_FLAGS=${BASE_FLAGS:-})"
+  cmake -S . -B /tmp/build-base -G Ninja -DBINFORMER_BUILD_PYTHON=OFF -DBINFORMER_BUILD_TESTS=ON \
+      -DBINFORMER_CUDA_ARCHS=90a -DBINFORMER_CUDA_MINIMAL=ON "-DCMAKE_CUDA_FLAGS=${BASE_FLAGS:-}" > "$OUT/build_base.log" 2>&1 &&
+  cmake --build /tmp/build-base -j 16 --target binformer_cuda_tests >> "$OUT/build_base.log" 2>&1 || { log "BASE BUILD FAILED"; tail -30 "$OUT/build_base.log"; }
+  timeout 300 /tmp/build-base/binformer_cuda_tests --gtest_also_run_disabled_tests \
+      --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" > "$OUT/gbench_base.log" 2>&1; log "gbench (baseline) rc=$?"
+  grep -E "^attention|^ *(fwd|bwd)|us" "$OUT/gbench_base.log" | head -40
 fi
 if [[ $steps == *" ncu "* ]]; then
   # NCU_KERNEL / NCU_TARGET / NCU_NAME pick another kernel (e.g. the backward main pass:
