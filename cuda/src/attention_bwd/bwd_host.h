@@ -126,7 +126,7 @@ inline BwdArgs make_bwd_args(const AttentionBwdParams& p, const WorkspaceLayout&
   // drel at head dims <= 128; BINFORMER_BWD_MAIN_V1=1 forces v1 (A/B timing, bisecting).
   const int hdim = p.head_dim > p.v_dim ? p.head_dim : p.v_dim;
   a.main_v2 = w.key_block == kKeyBlockTc && hdim <= 128 && !p.bias && !p.rel_pos_table && !p.dbias &&
-              !p.drel_pos_table && !main_v1_forced();
+              !p.drel_pos_table && p.Nq < (int64_t(1) << 30) && p.Nk < (int64_t(1) << 30) && !main_v1_forced();
   a.main_cols = w.key_block != kKeyBlockTc ? kKeyBlockSimt : a.main_v2 ? kFastMainCols : tc_main_cols(hdim);
 
   return a;

@@ -95,6 +95,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
   const int64_t b = bh / a.H, h = bh - b * a.H;
   const int64_t row0 = row_block * Tr::kRows;
   const int dv = a.dv_dim, d = a.d, words = a.words;
+  const int nq = int(a.Nq), nk = int(a.Nk);  // the host picks v2 only for Nq, Nk < 2^30
 
   const uint32_t* k_bits = a.k_bits + b * a.k_stride[0] + h * a.k_stride[1];
   const uint32_t* q_bits = a.q_bits + b * a.q_stride[0] + h * a.q_stride[1];
@@ -113,24 +114,38 @@ attention_bwd_main_kernel(const BwdArgs a) {
     const bool ok = row0 + r < a.Nk && ch < dv;
     cp_async_16(v_smem + r * Tr::kStride + ch, ok ? v_gmem + (row0 + r) * a.v_stride[2] + ch : v_gmem, ok);
   }
+  // One query tile: dO rows, query bits, query records. Compile-time trip counts (every thread
+  // issues the same number of copies) and per-thread offsets computed once, so a tile's copies
+  // are a few adds each (the generic 64-bit index math cost ~250 instructions per tile).
+  constexpr int kDoRowsPerRound = Tr::kThreads / kVec;
+  constexpr int kBitRowsPerRound = Tr::kThreads / Tr::kBitWords;
+  static_assert(Tr::kThreads % kVec == 0 && Tr::kCols % kDoRowsPerRound == 0 &&
+                Tr::kCols % kBitRowsPerRound == 0, "whole copy rounds per tile");
+  const int do_row = tid / kVec, do_ch = (tid % kVec) * 8;
+  const bool do_ch_ok = do_ch < dv;
+  const int bit_row = tid / Tr::kBitWords, bit_word = tid % Tr::kBitWords;
+  const bool bit_word_ok = bit_word < words;
+  const int64_t do_round_step = int64_t(kDoRowsPerRound) * a.dout_stride[2];
+  const int64_t bit_round_step = int64_t(kBitRowsPerRound) * a.q_stride[2];
   auto load_tile = [&](int64_t tile, int buf) {
-    const int64_t c0 = tile * Tr::kCols;
-    T* ys = do_smem + buf * (Tr::kCols * Tr::kStride);
-    for (int e = tid; e < Tr::kCols * kVec; e += Tr::kThreads) {
-      const int c = e / kVec, ch = (e - c * kVec) * 8;
-      const bool ok = c0 + c < a.Nq && ch < dv;
-      cp_async_16(ys + c * Tr::kStride + ch, ok ? do_gmem + (c0 + c) * a.dout_stride[2] + ch : do_gmem, ok);
+    const int c0 = int(tile) * Tr::kCols;
+    T* ys = do_smem + buf * (Tr::kCols * Tr::kStride) + do_row * Tr::kStride + do_ch;
+    const T* src = do_gmem + int64_t(c0 + do_row) * a.dout_stride[2] + do_ch;
+#pragma unroll
+    for (int it = 0; it < Tr::kCols / kDoRowsPerRound; ++it) {
+      const bool ok = do_ch_ok && c0 + do_row + it * kDoRowsPerRound < nq;
+      cp_async_16(ys + it * kDoRowsPerRound * Tr::kStride, ok ? src + it * do_round_step : do_gmem, ok);
     }
-    uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords);
-    for (int e = tid; e < Tr::kCols * Tr::kBitWords; e += Tr::kThreads) {
-      const int c = e / Tr::kBitWords, w = e - c * Tr::kBitWords;
-      const bool ok = c0 + c < a.Nq && w < words;
-      cp_async_4(bs + e, ok ? q_bits + (c0 + c) * a.q_stride[2] + w : q_bits, ok);
+    uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords) + tid;
+    const uint32_t* bsrc = q_bits + int64_t(c0 + bit_row) * a.q_stride[2] + bit_word;
+#pragma unroll
+    for (int it = 0; it < Tr::kCols / kBitRowsPerRound; ++it) {
+      const bool ok = bit_word_ok && c0 + bit_row + it * kBitRowsPerRound < nq;
+      cp_async_4(bs + it * Tr::kThreads, ok ? bsrc + it * bit_round_step : q_bits, ok);
     }
-    float4* rs = rec_smem + buf * Tr::kCols;
-    for (int e = tid; e < Tr::kCols; e += Tr::kThreads) {
-      const bool ok = c0 + e < a.Nq;
-      cp_async_16(rs + e, ok ? qrec + c0 + e : qrec, ok);
+    if (tid < Tr::kCols) {
+      const bool ok = c0 + tid < nq;
+      cp_async_16(rec_smem + buf * Tr::kCols + tid, ok ? qrec + c0 + tid : qrec, ok);
     }
     cp_async_commit();
   };
@@ -177,6 +192,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
   const float two_scale = 2.f * a.scale;
   const float col_factor_scale = two_scale * kLog2e;   // a_i -> a_i 2 scale log2e
   const float dot_offset = 8388608.f + 0.5f * float(d);  // (2^23 + m) - (2^23 + d/2) = dot / 2
+  const int magic[4] = {0x4B000000, 0x4B000000, 0x4B000000, 0x4B000000};  // 2^23 as a float
 
   // Partial dq_scale of one query tile: the warps' column sums in a fixed order.
   auto flush_column_sums = [&](int64_t tile, int buf) {
@@ -220,26 +236,29 @@ attention_bwd_main_kernel(const BwdArgs a) {
 
 #pragma unroll 1
     for (int kc = 0; kc < Tr::kChunks; ++kc) {
-      const int64_t q0 = c0 + kc * 16;
+      // Positions inside one head fit in int (nq, nk above).
+      const int q0 = int(c0) + kc * 16;
       // Warp-uniform: the chunk's 16 queries against the warp's 16 kM keys.
-      const int64_t k_lo = warp_row0, k_hi = warp_row0 + 16 * kM;
+      const int k_lo = int(warp_row0), k_hi = k_lo + 16 * kM;
       if (a.causal && k_lo > q0 + 15) {  // every key after every query: P = 0, nothing to add
         if ((g & 1) == 0) colsum[kc * 16 + (g >> 2) * 8 + 2 * t + ((g >> 1) & 1)] = 0.f;
         continue;
       }
-      const bool interior = q0 + 16 <= a.Nq && k_hi <= a.Nk && !(a.causal && k_hi - 1 > q0);
+      const bool interior = q0 + 16 <= nq && k_hi <= nk && !(a.causal && k_hi - 1 > q0);
 
       auto chunk = [&](auto check_bounds) {
         constexpr bool kCheck = decltype(check_bounds)::value;
-        // Column records {lse log2e, D, a_i, -} of the 4 queries this thread touches.
-        float c_lse[2][2], c_D[2][2], c_a[2][2], c_f[2][2];
+        // Column records {lse log2e, D, a_i, -} of the 4 queries this thread touches; -D in the
+        // accumulator layout (rows g and g + 8 share the column) seeds the dP mma, so dP - D
+        // costs no instruction.
+        float c_lse[2][2], c_a[2][2], c_f[2][2], minus_d[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
           for (int cs = 0; cs < 2; ++cs) {
             const float4 r = rs[kc * 16 + nt * 8 + 2 * t + cs];
             c_lse[nt][cs] = r.x;
-            c_D[nt][cs] = r.y;
+            minus_d[nt][cs] = minus_d[nt][cs + 2] = -r.y;
             c_a[nt][cs] = r.z;
             c_f[nt][cs] = r.z * col_factor_scale;
           }
@@ -253,8 +272,8 @@ attention_bwd_main_kernel(const BwdArgs a) {
           const uint32_t b1 = Tr::kHighWords ? ext_hi(cb[ext_hi.src]) : 0u;
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
-            int pc[4] = {0x4B000000, 0x4B000000, 0x4B000000, 0x4B000000};
-            mma_b1_and_popc(pc, abits[mt], b0, b1);
+            int pc[4];
+            mma_b1_and_popc(pc, abits[mt], b0, b1, magic);
 #pragma unroll
             for (int e = 0; e < 4; ++e) s_x[mt][nt][e] = __int_as_float(pc[e]) - dot_offset;
           }
@@ -270,8 +289,8 @@ attention_bwd_main_kernel(const BwdArgs a) {
               const int rs2 = e >> 1, cs = e & 1;
               const float p = ex2_approx(fmaf(s_x[mt][nt][e], c_f[nt][cs] * row_b[mt][rs2], -c_lse[nt][cs]));
               if constexpr (kCheck) {
-                const int64_t i = q0 + nt * 8 + 2 * t + cs, j = my_row[mt][rs2];
-                const bool valid = i < a.Nq && j < a.Nk && !(a.causal && j > i);
+                const int i = q0 + nt * 8 + 2 * t + cs, j = k_lo + mt * 16 + g + 8 * rs2;
+                const bool valid = i < nq && j < nk && !(a.causal && j > i);
                 s_p[mt][nt][e] = valid ? p : 0.f;
               } else {
                 s_p[mt][nt][e] = p;
@@ -279,22 +298,23 @@ attention_bwd_main_kernel(const BwdArgs a) {
             }
           }
         }
-        // dP = V dO^T (k = channels); each dO fragment serves the kM m-tiles.
+        // dP - D = V dO^T - D (k = channels); each dO fragment serves the kM m-tiles. No Dv
+        // guard: V and dO are zero past Dv in shared memory, and a runtime test here would split
+        // the chunk into basic blocks (v1 paid that per element).
         float s_dp[kM][2][4];
 #pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) s_dp[mt][nt][0] = s_dp[mt][nt][1] = s_dp[mt][nt][2] = s_dp[mt][nt][3] = 0.f;
-        }
-#pragma unroll
         for (int ks = 0; ks < Tr::kDvSteps; ++ks) {
-          if (ks * 16 >= dv) break;
           uint32_t yb[4];
           ldmatrix_x4(yb, ys + kc * 16 * Tr::kStride + do_off + ks * 16);
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
-            mma_16816<T>(s_dp[mt][0], vfrag[mt][ks], yb[0], yb[1]);
-            mma_16816<T>(s_dp[mt][1], vfrag[mt][ks], yb[2], yb[3]);
+            if (ks == 0) {
+              mma_16816<T>(s_dp[mt][0], vfrag[mt][ks], yb[0], yb[1], minus_d[0]);
+              mma_16816<T>(s_dp[mt][1], vfrag[mt][ks], yb[2], yb[3], minus_d[1]);
+            } else {
+              mma_16816<T>(s_dp[mt][0], vfrag[mt][ks], yb[0], yb[1]);
+              mma_16816<T>(s_dp[mt][1], vfrag[mt][ks], yb[2], yb[3]);
+            }
           }
         }
         // dS and its sums.
@@ -306,7 +326,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int rs2 = e >> 1, cs = e & 1;
-              const float u = s_p[mt][nt][e] * (s_dp[mt][nt][e] - c_D[nt][cs]) * s_x[mt][nt][e];
+              const float u = s_p[mt][nt][e] * s_dp[mt][nt][e] * s_x[mt][nt][e];
               dk_sum[mt][rs2] = fmaf(u, c_a[nt][cs], dk_sum[mt][rs2]);
               col_part[nt][cs] = fmaf(u, row_b[mt][rs2], col_part[nt][cs]);
             }
@@ -340,7 +360,6 @@ attention_bwd_main_kernel(const BwdArgs a) {
         }
 #pragma unroll
         for (int dp = 0; dp < Tr::kDvTiles / 2; ++dp) {
-          if (dp * 16 >= dv) break;
           uint32_t yb[4];
           ldmatrix_x4_trans(yb, ys + kc * 16 * Tr::kStride + do_off_t + dp * 16);
 #pragma unroll
