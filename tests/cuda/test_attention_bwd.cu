@@ -270,6 +270,36 @@ TEST(AttentionBwd, LongerSequences) {
   run_case(big, rng);
 }
 
+// The v2 main pass (bwd_main.cuh: no bias / rel-pos, head dims <= 128) on shapes that reach its
+// corners: extended-bit words past 4 and d % 32 != 0 (complemented, masked words), one bit word,
+// causal chunks skipped per warp with Nq > Nk and Nq < Nk, tiles straddling Nq and Nk, hdim128's
+// 8-warp shape. (Run the whole suite once with BINFORMER_BWD_MAIN_V1=1 to test v1's main pass on
+// the same cases.)
+TEST(AttentionBwd, MainPassV2Shapes) {
+  BF_REQUIRE_GPU();
+  std::mt19937_64 rng(17);
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    BwdCase c;
+    c.v_dtype = t;
+    c.q_scale = ScaleMode::kPerToken; c.k_scale = ScaleMode::kPerToken;
+    c.B = 2; c.H = 2; c.Nq = 200; c.Nk = 260; c.d = 128; c.dv = 128; c.causal = true;
+    run_case(c, rng);
+    c.causal = false; c.Nq = 130; c.Nk = 70; c.d = 96; c.dv = 72;
+    run_case(c, rng);
+    c.causal = true; c.Nq = 300; c.Nk = 140; c.d = 40; c.dv = 64; c.q_scale = ScaleMode::kNone;
+    run_case(c, rng);
+    c.causal = false; c.Nq = 1; c.Nk = 150; c.d = 8; c.dv = 8; c.q_scale = ScaleMode::kPerToken;
+    run_case(c, rng);
+    c.Nq = 129; c.Nk = 1; c.d = 32; c.dv = 48;
+    run_case(c, rng);
+    c.Nq = 1100; c.Nk = 1030; c.d = 64; c.dv = 64; c.causal = true;  // many tiles, partial last ones
+    run_case(c, rng);
+    c.Nq = 257; c.Nk = 385; c.d = 72; c.dv = 72; c.causal = false;  // DiT-like d = 72
+    run_case(c, rng);
+    if (HasFailure()) return;
+  }
+}
+
 TEST(AttentionBwd, RejectsBadArguments) {
   AttentionBwdParams p{};
   p.B = 1; p.H = 1; p.Nq = 4; p.Nk = 4; p.head_dim = 12; p.v_dim = 8;  // d not a multiple of 8
@@ -280,7 +310,8 @@ TEST(AttentionBwd, RejectsBadArguments) {
   EXPECT_EQ(cuda::attention_bwd(p, nullptr), cudaErrorInvalidValue);
 }
 
-// Timing of the backward at the SPEC's reference shape. Not a pass/fail test: run with
+// Timing of the backward at the SPEC's reference shape. BINFORMER_BWD_MAIN_V1=1 times v1's main
+// pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64). Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {

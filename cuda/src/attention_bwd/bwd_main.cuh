@@ -24,6 +24,8 @@
 //    unmasked for the warp runs without index tests.
 // Deterministic: every sum has one owner and a fixed order, no atomics.
 #pragma once
+#include <cstdlib>
+
 #include "bwd_common.cuh"
 #include "bwd_ptx.cuh"
 
@@ -36,6 +38,9 @@ struct MainTraits {
   static constexpr int kRows = kKeyBlockTc;             // keys per CTA (fixes the partial layout)
   static constexpr int kWarps = kRows / (16 * kMTiles);
   static constexpr int kThreads = 32 * kWarps;
+  // CTAs per SM that __launch_bounds__ asks for: 2 x 4 warps at hdim 64 (no spills at <= 255
+  // registers); the hdim-64 kernel also exists with 3 (168 registers, ~40 spilled words per
+  // chunk, 12 warps per SM), picked with BINFORMER_BWD_MAIN_MIN_BLOCKS=3 for device A/B.
   static constexpr int kMinBlocks = kHdim <= 64 ? 2 : 1;
   static constexpr int kCols = kFastMainCols;  // queries per tile (one cp.async stage)
   static constexpr int kChunks = kCols / 16;
@@ -76,8 +81,8 @@ __device__ __forceinline__ ExtWord ext_word(int w, int d, int words) {
   return e;
 }
 
-template <class T, int kHdim>
-__global__ void __launch_bounds__(MainTraits<T, kHdim>::kThreads, MainTraits<T, kHdim>::kMinBlocks)
+template <class T, int kHdim, int kMinBlocks>
+__global__ void __launch_bounds__(MainTraits<T, kHdim>::kThreads, kMinBlocks)
 attention_bwd_main_kernel(const BwdArgs a) {
   using Tr = MainTraits<T, kHdim>;
   constexpr int kM = Tr::kMTiles;
@@ -416,13 +421,25 @@ attention_bwd_main_kernel(const BwdArgs a) {
 #if !defined(BINFORMER_BWD_HOST_EMULATION)
 namespace binformer::cuda::bwd::tc {
 
+// BINFORMER_BWD_MAIN_MIN_BLOCKS=3: the 3-CTAs-per-SM build of the hdim-64 kernel (read once).
+inline int main_min_blocks_knob() {
+  static const int v = [] {
+    const char* e = std::getenv("BINFORMER_BWD_MAIN_MIN_BLOCKS");
+    return e != nullptr && e[0] == '3' ? 3 : 0;
+  }();
+  return v;
+}
+
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
   using Tr = MainTraits<T, kHdim>;
   const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_bwd_main_kernel<T, kHdim>;
+  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks>;
+  if constexpr (kHdim <= 64) {
+    if (main_min_blocks_knob() == 3) kernel = attention_bwd_main_kernel<T, kHdim, 3>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmemBytes));
   if (err != cudaSuccess) return err;
   kernel<<<unsigned(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(a);

@@ -45,7 +45,7 @@ void main_v2_pass(const BwdArgs& a) {
     using Tr = tc::MainTraits<T, kHdim>;
     const unsigned blocks = unsigned((a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H);
     if (blocks == 0) return;
-    bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim>, blocks, unsigned(Tr::kThreads),
+    bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks>, blocks, unsigned(Tr::kThreads),
                           Tr::kSmemBytes, a);
   } else {
     std::abort();  // make_bwd_args never picks v2 above hdim 128
