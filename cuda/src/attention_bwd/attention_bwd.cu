@@ -26,6 +26,12 @@ int grid_for(int64_t items, int threads_per_block, int items_per_thread = 1) {
 cudaError_t launch_prep(const BwdArgs& a, cudaStream_t stream) {
   const int64_t rows = a.B * a.H * (a.Nq + a.Nk);
   if (rows == 0) return cudaSuccess;
+  if (prep_vectorized(a)) {
+    const int grid = grid_for(rows, kPrepThreads / 8);
+    if (a.v_dtype == DType::kFloat16) attention_bwd_prep_vec_kernel<__half><<<grid, kPrepThreads, 0, stream>>>(a);
+    else attention_bwd_prep_vec_kernel<__nv_bfloat16><<<grid, kPrepThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   const int grid = grid_for(rows, kPrepThreads / 32);
   switch (a.v_dtype) {
     case DType::kFloat16: attention_bwd_prep_kernel<__half><<<grid, kPrepThreads, 0, stream>>>(a); break;

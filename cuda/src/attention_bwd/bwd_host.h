@@ -39,6 +39,17 @@ inline bool use_tensor_cores(const AttentionBwdParams& p) {
   return true;
 }
 
+// The prep kernel's 16-byte path (attention_bwd_prep_vec_kernel): fp16 / bf16 out and dout
+// whose rows start on 16 bytes.
+inline bool prep_vectorized(const BwdArgs& a) {
+  if (a.v_dtype != DType::kFloat16 && a.v_dtype != DType::kBFloat16) return false;
+  if (!aligned16(a.out) || !aligned16(a.dout)) return false;
+  for (int k = 0; k < 3; ++k) {
+    if (a.out_stride[k] % 8 != 0 || a.dout_stride[k] % 8 != 0) return false;
+  }
+  return true;
+}
+
 struct WorkspaceLayout {
   size_t qrec = 0, krec = 0, dq_partial = 0, drel_partial = 0, total = 0;
   int key_block = 0, num_key_blocks = 0;

@@ -34,6 +34,7 @@
 struct uint3 { unsigned x = 0, y = 0, z = 0; };
 struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
@@ -50,6 +51,12 @@ struct __nv_bfloat16 { uint16_t x; };
 struct __half2 { __half lo, hi; };
 struct __nv_bfloat162 { __nv_bfloat16 lo, hi; };
 inline float __half2float(__half h) { return float(binformer::test::half_bits_to_double(h.x)); }
+inline __half __ushort_as_half(unsigned short x) { return {x}; }
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
 inline float __bfloat162float(__nv_bfloat16 b) { return float(binformer::test::bf16_bits_to_double(b.x)); }
 inline __half2 __floats2half2_rn(float lo, float hi) {
   return {{binformer::test::float_to_half_bits(lo)}, {binformer::test::float_to_half_bits(hi)}};

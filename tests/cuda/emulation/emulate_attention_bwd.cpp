@@ -86,7 +86,10 @@ bool emulate_attention_bwd(const AttentionBwdParams& p) {
   const WorkspaceLayout w = layout_for(p);
   const BwdArgs a = make_bwd_args(p, w);
   if (a.B * a.H == 0) return true;
-  switch (a.v_dtype) {
+  if (prep_vectorized(a)) {
+    if (a.v_dtype == DType::kFloat16) bwd_emulation::launch(attention_bwd_prep_vec_kernel<__half>, 2, kPrepThreads, 0, a);
+    else bwd_emulation::launch(attention_bwd_prep_vec_kernel<__nv_bfloat16>, 2, kPrepThreads, 0, a);
+  } else switch (a.v_dtype) {
     case DType::kFloat16: bwd_emulation::launch(attention_bwd_prep_kernel<__half>, 2, kPrepThreads, 0, a); break;
     case DType::kBFloat16: bwd_emulation::launch(attention_bwd_prep_kernel<__nv_bfloat16>, 2, kPrepThreads, 0, a); break;
     default: bwd_emulation::launch(attention_bwd_prep_kernel<float>, 2, kPrepThreads, 0, a); break;
