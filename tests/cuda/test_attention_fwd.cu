@@ -853,6 +853,93 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
                            return info.param.name + "_" + std::to_string(info.index);
                          });
 
+// The sm_90a variant of the bounded kernels (wgmma P.V, cuda/src/attention_fwd/pv_wgmma.h), which
+// runs only with BINFORMER_FWD_SM90=1 (launch.h), on every case above that takes the bounded Dv = 64
+// path (fp16/bf16 V, no dense bias, no per-token k scale), plus longer key ranges. Skipped on
+// devices other than compute capability 9.0. With BINFORMER_FWD_SM90_LOG=1 the library prints one
+// line when the wgmma kernel is first launched.
+bool have_sm90_device() {
+  int major = 0, minor = 0;
+  if (!have_sm80_device()) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  return major == 9 && minor == 0;
+}
+
+// Sets an environment variable for the lifetime of the object, then restores it.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_) {
+      setenv(name_.c_str(), old_.c_str(), 1);
+    } else {
+      unsetenv(name_.c_str());
+    }
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+std::vector<Case> sm90_cases() {
+  std::vector<Case> cs;
+  for (Case c : all_cases()) {
+    const bool bounded = !c.pv_int8 && (c.v_dtype == DType::kFloat16 || c.v_dtype == DType::kBFloat16) &&
+                         c.bias == Bias::kNone && c.k_scale != Scale::kPerToken && c.dv == 64;
+    if (!bounded) continue;
+    c.name = "sm90_" + c.name;
+    cs.push_back(c);
+  }
+  uint32_t seed = 900;
+  for (DType vt : {DType::kFloat16, DType::kBFloat16}) {  // many key tiles, both QK^T forms
+    Case c;
+    c.name = "sm90_long";
+    c.v_dtype = vt;
+    c.Nq = 260;
+    c.Nk = 2100;
+    c.d = vt == DType::kFloat16 ? 64 : 128;
+    c.q_scale = c.k_scale = Scale::kPerHead;
+    c.scale_lo = 0.5;
+    c.scale_hi = 1.0;
+    c.seed = seed++;
+    cs.push_back(c);
+    c.name = "sm90_long_causal";
+    c.causal = true;
+    c.Nq = c.Nk = 1500;
+    c.seed = seed++;
+    cs.push_back(c);
+  }
+  return cs;
+}
+
+class AttentionFwdSm90 : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
+  if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
+  ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
+  const Case& c = GetParam();
+  SCOPED_TRACE(describe(c));
+  AttentionFwdCase t(c);
+  const RunOutput r = t.run();
+  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
+  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
+  t.check_prepass(r);
+  t.check(r);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name + "_" + std::to_string(info.index);
+                         });
+
 // Same inputs, same bits: no atomics or order-dependent reductions in the forward pass.
 TEST(AttentionFwdDeterminism, RunToRunIdentical) {
   FWD_REQUIRE_GPU();

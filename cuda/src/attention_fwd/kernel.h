@@ -51,9 +51,10 @@ __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) 
 // kQK != kRuntime selects the bounded-max kernel of kernel_bounded.h (fp16/bf16 V, no dense
 // bias, no per-token k scale; kBoundedRelPos_: with the rel-pos bias); kHasBias_ the online
 // kernel's dense and/or rel-pos bias. kBoundedWide_: the bounded kernels' 8-warp block shape at
-// Dv <= 64 (tile_config.h).
+// Dv <= 64 (tile_config.h). kWgmma_: the bounded kernel's sm_90a variant (kernel_bounded.h with
+// pv_wgmma.h): P.V by wgmma with V in a 128-byte-swizzled shared-memory layout, Dv = 64 only.
 template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
-          bool kBoundedRelPos_ = false, bool kBoundedWide_ = true>
+          bool kBoundedRelPos_ = false, bool kBoundedWide_ = true, bool kWgmma_ = false>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
@@ -66,6 +67,11 @@ struct FwdTraits {
   static_assert(!kBounded || (!kHasBias && (kPv == PvKind::kF16 || kPv == PvKind::kBF16)),
                 "bounded kernels: fp16/bf16 V without a dense bias");
   static_assert(kBounded || !kBoundedRelPos, "kBoundedRelPos is a bounded-kernel option");
+  // The sm_90a P.V (pv_wgmma.h): warpgroups of 4 warps x 1 m-tile (rows 16w + 64 * warpgroup,
+  // the wide bounded shape), one m64n64k16 wgmma per k16 key step, V rows of exactly 128 bytes.
+  static constexpr bool kWgmma = kWgmma_;
+  static_assert(!kWgmma || (kBounded && kBoundedWide_ && kDvPad_ == 64 && !kDvMasked_),
+                "wgmma P.V: bounded kernels, wide shape, Dv = 64 exactly");
   static constexpr TileShape kShape =
       kBounded ? fwd_bounded_tile_shape(kDvPad, kBoundedWide_) : fwd_tile_shape(kPv, kDvPad, kHasBias);
   static constexpr int kWarps = kShape.warps;
@@ -94,7 +100,9 @@ struct FwdTraits {
   // V row pitch in shared memory. ldmatrix reads 8 rows x 16 bytes per 8x8 matrix: conflict-free
   // when pitch / 16 is odd. The tf32 path reads rows 2t, 2t+1 at column g with scalar loads:
   // conflict-free when pitch / 4 = 4 (mod 8).
-  static constexpr int kVPitch = kPv == PvKind::kTF32x3 ? (kDvPad + 4) * 4
+  // The wgmma layout has no padding (its 128-byte swizzle spreads the banks instead).
+  static constexpr int kVPitch = kWgmma ? kVRowBytes
+                                 : kPv == PvKind::kTF32x3 ? (kDvPad + 4) * 4
                                  : ((kVRowBytes / 16) % 2 == 1 ? kVRowBytes : kVRowBytes + 16);
 
   // One pipeline stage: K bits (row pitch 4 words for k_words = 4; 12 words for k_words = 8,
@@ -108,8 +116,11 @@ struct FwdTraits {
   static constexpr int kOffColc = kOffKBits + kBlockN * kKPitchWords * 4;
   static constexpr int kOffKScale = kOffColc + kBlockN * 4;
   static constexpr int kOffRelOff = kOffKScale + kBlockN * 4;
-  static constexpr int kOffV = round_up_c(kOffRelOff + kBlockN * 4, 128);
-  static constexpr int kStageBytes = round_up_c(kOffV + kBlockN * kVPitch, 128);
+  // The swizzle of the wgmma V tiles is a function of address bits 4-9: every V tile (and hence
+  // every stage) starts at a multiple of 1024 bytes of a 1024-aligned block base.
+  static constexpr int kSmemAlign = kWgmma ? 1024 : 128;
+  static constexpr int kOffV = round_up_c(kOffRelOff + kBlockN * 4, kSmemAlign);
+  static constexpr int kStageBytes = round_up_c(kOffV + kBlockN * kVPitch, kSmemAlign);
   // The block's packed Q rows ([kBlockM][8] words) are staged once; they alias the last stage,
   // which is first written after the first barrier of the main loop.
   static constexpr int kQStageBytes = kBlockM * 8 * 4;
@@ -117,6 +128,9 @@ struct FwdTraits {
   static constexpr int kOffQ = kQAliasesStage ? (kStages - 1) * kStageBytes : kStages * kStageBytes;
   // Bytes before the (optional, runtime-sized) rel-pos table.
   static constexpr int kSmemFixed = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
+  // Extra dynamic shared memory the launcher requests so that the kernel can align its base to
+  // kSmemAlign (the runtime guarantees less than 1024).
+  static constexpr int kSmemAlignSlack = kWgmma ? kSmemAlign : 0;
 };
 
 template <class Tr, bool kPerTokenK>

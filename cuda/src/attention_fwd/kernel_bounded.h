@@ -34,8 +34,21 @@
 // FFMA's addend: z = fma(4 p(q&k) - 2 p(k_j), c_i, kTop - 2 c_i p(q_i)). With rel-pos the
 // addend is the table entry and -p(q_i) is added to the bits (one IADD); d > 64 (no room to
 // duplicate) rebuilds the bits with one IMAD: 2 p(q & k) + 0x4BC00000 - p(q_i).
+//
+// sm_90a (Tr::kWgmma, pv_wgmma.h): the same kernel with P.V on wgmma. Differences: V tiles in the
+// 128-byte-swizzled layout; every decision that selects a code path containing a wgmma (fixed /
+// online, masked steps) is uniform per warpgroup (wgmma is .aligned: all 4 warps must execute the
+// same instruction), i.e. the fixed flag is voted per block and the masked-step limit covers the
+// warpgroup's 64 rows; the accumulator is read or rescaled only after wgmma.wait_group 0
+// (pv_drain), and every tile is drained before the barrier that lets its stage be overwritten.
 #pragma once
 #include "kernel.h"
+#include "pv_wgmma.h"
+
+// sm_90a: 16-key steps per wgmma commit group (1 or 2; the online path uses its 32-key chunks).
+#ifndef BINFORMER_FWD_WGMMA_GROUP_STEPS
+#define BINFORMER_FWD_WGMMA_GROUP_STEPS 2
+#endif
 
 namespace binformer::cuda::fwd {
 
@@ -73,6 +86,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr bool kRelPos = Tr::kBoundedRelPos;
   static constexpr bool kBF = Tr::kPv == PvKind::kBF16;
   static constexpr int kKPitch = Tr::kKPitchWords;
+  static constexpr bool kWgmma = Tr::kWgmma;
+  static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
+  static_assert(kGroupSteps == 1 || kGroupSteps == 2, "wgmma group: 1 or 2 k16 steps");
+  static_assert(!kWgmma || kMT == 1, "wgmma: one m-tile per warp (rows 16 w of the warpgroup)");
   // log2 of the largest P, and the value every row maximum must reach before it is fixed.
   static constexpr float kTop = kBF ? 32.0f : 15.9f;  // 2^15.9 = 61147 < 65504
   static constexpr float kFloor = kBF ? -64.0f : 0.0f;
@@ -146,9 +163,11 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
 #endif
       if (n_tile >= first_masked) {
-        // n8 blocks at or past warp_limit are masked for every row of the warp.
+        // n8 blocks at or past warp_limit are masked for every row of the warp (wgmma: of the
+        // warpgroup, whose 64 rows start at warp_row0 rounded down to 64).
+        const int rows_end = kWgmma ? warp_row0 / 64 * 64 + 64 : warp_row0 + 16 * kMT;
         int warp_limit = a.Nk - key0;
-        if (a.causal) warp_limit = min(warp_limit, m0 + warp_row0 + 16 * kMT - key0);
+        if (a.causal) warp_limit = min(warp_limit, m0 + rows_end - key0);
         if (fixed) {
           fixed_tile<true>(st, key0, warp_limit);
         } else {
@@ -161,6 +180,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
           online_tile<false>(st, key0, kBlockN);
         }
       }
+      // The next iteration's barrier releases this stage to the copies: its wgmma must be done.
+      if constexpr (kWgmma) pv_drain();
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] += lse_shift[r];  // the epilogue's lse in log2 units
@@ -205,15 +226,21 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
                          (int64_t(b) * a.v_stride[0] + int64_t(h) * a.v_stride[1]) * 2;
     const int64_t v_row_bytes = a.v_stride[2] * 2;
     constexpr int kVChunks = Tr::kVChunks;
-    if constexpr (!Tr::kDvMasked && kThreads % kVChunks == 0 && (kBlockN * kVChunks) % kThreads == 0) {
+    constexpr bool kOneColumnPerThread =
+        !Tr::kDvMasked && kThreads % kVChunks == 0 && (kBlockN * kVChunks) % kThreads == 0;
+    static_assert(!kWgmma || kOneColumnPerThread, "the wgmma V layout is written by the first loop");
+    if constexpr (kOneColumnPerThread) {
       // Every thread copies the same 16-byte column of rows r0, r0 + kRowStep, ...: one pointer
       // add and one cp.async per chunk (the generic loop below recomputes row, column and
       // address per chunk, ~15 instructions, 18% of a 128-key tile's work at Dv = 64).
       constexpr int kRowStep = kThreads / kVChunks, kPasses = kBlockN / kRowStep;
+      static_assert(!kWgmma || kRowStep % 8 == 0, "the swizzle phase (row % 8) is the same every pass");
       const int r0 = tid / kVChunks;
       const char* src = v_head + int64_t(key0 + r0) * v_row_bytes + (tid % kVChunks) * 16;
       const int64_t step = int64_t(kRowStep) * v_row_bytes;
-      const uint32_t dst = st_addr + Tr::kOffV + r0 * Tr::kVPitch + (tid % kVChunks) * 16;
+      const uint32_t dst = st_addr + Tr::kOffV +
+                           (kWgmma ? WgmmaV::chunk_offset(r0, tid % kVChunks)
+                                   : uint32_t(r0 * Tr::kVPitch + (tid % kVChunks) * 16));
       if (a.v_async_ok) {
 #pragma unroll
         for (int p = 0; p < kPasses; ++p) {
@@ -230,6 +257,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
       return;
     }
+    if constexpr (kWgmma) return;  // (never reached: the loop above covers Dv = 64)
     Base::template copy_chunks<kBlockN * Tr::kVChunks>(tid, [&](int c) {
       const int row = c / Tr::kVChunks, chunk = c % Tr::kVChunks;
       const int key = key0 + row;
@@ -350,7 +378,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         }
       }
     }
-    fixed = __all_sync(0xffffffffu, start_fixed);
+    // wgmma: one vote per block (the fixed and online paths issue different wgmma instructions).
+    if constexpr (kWgmma) {
+      fixed = __syncthreads_and(start_fixed) != 0;
+    } else {
+      fixed = __all_sync(0xffffffffu, start_fixed);
+    }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] = fixed ? 0.0f : -kInf;
   }
@@ -451,6 +484,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // P = 2^z, streamed one k16 key step at a time.
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile(const unsigned char* st, int key0, int warp_limit) {
+    if constexpr (kWgmma) {
+      fixed_tile_wgmma<kMask>(st, key0, warp_limit);
+      return;
+    }
     const uint32_t v_lane = this->v_lane_addr(st);
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -487,6 +524,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
   __device__ __forceinline__ void pv_step(const float (&p)[kMT][2][4], uint32_t v_rows) {
     uint32_t pa[kMT][4];
+    pack_p(pa, p);
+    this->pv_f16_step(pa, v_rows);
+  }
+
+  // The two n8 score blocks of a k16 step -> the 16-bit A fragment of the step (per m-tile).
+  __device__ __forceinline__ static void pack_p(uint32_t (&pa)[kMT][4], const float (&p)[kMT][2][4]) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
       pa[mt][0] = pack_pair<kBF>(p[mt][0][0], p[mt][0][1]);
@@ -494,7 +537,82 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       pa[mt][2] = pack_pair<kBF>(p[mt][1][0], p[mt][1][1]);
       pa[mt][3] = pack_pair<kBF>(p[mt][1][2], p[mt][1][3]);
     }
-    this->pv_f16_step(pa, v_rows);
+  }
+
+  // ============================================================================== sm_90a P.V
+  // Fixed maximum, wgmma P.V: groups of kGroupSteps k16 steps; each group computes its P
+  // fragments (scores -> ex2 -> pack, exactly as fixed_tile), then fence, one wgmma per step,
+  // commit, and waits for the previous group only: the exponentials of group s + 1 overlap the
+  // tensor work of group s. Masked tiles issue every wgmma too (P = 0 past warp_limit; at most
+  // the boundary / diagonal tile of a block): a wgmma under a condition that ptxas cannot prove
+  // uniform is serialized (ptxas C7520), and the condition would have to be uniform per
+  // warpgroup anyway (.aligned).
+  template <bool kMask>
+  __device__ __forceinline__ void fixed_tile_wgmma(const unsigned char* st, int key0, int warp_limit) {
+    const uint64_t desc0 = WgmmaV::desc(smem_u32(st + Tr::kOffV));
+#pragma unroll
+    for (int kg = 0; kg < kBlockN / (16 * kGroupSteps); ++kg) {
+      uint32_t pa[kGroupSteps][kMT][4];
+#pragma unroll
+      for (int s = 0; s < kGroupSteps; ++s) {
+        const int kk = kg * kGroupSteps + s;
+        float p[kMT][2][4];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int nb = 2 * kk + hf;
+          if (kMask && nb * 8 >= warp_limit) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[0][hf][e] = 0.0f;
+            continue;
+          }
+          float z[kMT][4];
+          scores_nb<kMask>(z, st, nb, key0);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float pe = ex2_approx(z[0][e]);  // masked: 2^-inf = 0
+            p[0][hf][e] = pe;
+            l_run[e / 2] += pe;
+          }
+        }
+        pack_p(pa[s], p);
+      }
+      pv_wgmma_group(pa, desc0, kg * kGroupSteps);
+    }
+  }
+
+  // Issues one commit group of P.V: wgmma for the k16 steps step0 .. step0 + kSteps - 1 of the
+  // tile, then waits until only this group may still be in flight.
+  template <int kSteps>
+  __device__ __forceinline__ void pv_wgmma_group(uint32_t (&pa)[kSteps][kMT][4], uint64_t desc0,
+                                                 int step0) {
+    // PTX: a wgmma.fence between the register writes (P, a rescaled accumulator) and the wgmma
+    // that reads them; reg_fence keeps the compiler from sinking those writes past the fence.
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) reg_fence_u32(pa[s][0][q]);
+    fence_accumulator();
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      wgmma_m64n64k16_rs<kBF>(o[0], pa[s][0], desc0 + uint64_t(step0 + s) * WgmmaV::kStepDesc);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+
+  // Every wgmma of this warpgroup complete: the accumulator may be read or rescaled and the
+  // stage's V overwritten.
+  __device__ __forceinline__ void pv_drain() {
+    wgmma_wait<0>();
+    fence_accumulator();
+  }
+
+  __device__ __forceinline__ void fence_accumulator() {
+#pragma unroll
+    for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(o[0][nd][e]);
   }
 
   // ============================================================================== online max
@@ -505,7 +623,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     const uint32_t v_lane = this->v_lane_addr(st);
 #pragma unroll
     for (int ch = 0; ch < kBlockN / (8 * kChunkNB); ++ch) {
-      if (kMask && ch * 8 * kChunkNB >= warp_limit) break;
+      // (wgmma: no early exit, every wgmma must sit on a path that ptxas sees as uniform; the
+      // masked blocks give P = 0)
+      if (!kWgmma && kMask && ch * 8 * kChunkNB >= warp_limit) break;
       float s[kMT][kChunkNB][4];
       float tile_max[kRows];
 #pragma unroll
@@ -534,9 +654,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       float m_sub[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) m_sub[r] = m_run[r] == -kInf ? 0.0f : m_run[r];
+      uint32_t pa[kChunkNB / 2][kMT][4];  // (wgmma: the chunk's steps form one commit group)
 #pragma unroll
       for (int kk = 0; kk < kChunkNB / 2; ++kk) {
-        if (kMask && ch * 8 * kChunkNB + kk * 16 >= warp_limit) break;
+        if (!kWgmma && kMask && ch * 8 * kChunkNB + kk * 16 >= warp_limit) break;
         float p[kMT][2][4];
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
@@ -549,7 +670,14 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
               p[mt][hf][e] = pe;
               l_run[r] += pe;
             }
-        pv_step(p, v_lane + (ch * kChunkNB / 2 + kk) * 16 * Tr::kVPitch);
+        if constexpr (kWgmma) {
+          pack_p(pa[kk], p);
+        } else {
+          pv_step(p, v_lane + (ch * kChunkNB / 2 + kk) * 16 * Tr::kVPitch);
+        }
+      }
+      if constexpr (kWgmma) {
+        pv_wgmma_group(pa, WgmmaV::desc(smem_u32(st + Tr::kOffV)), ch * kChunkNB / 2);
       }
     }
     try_fix_max();
@@ -559,6 +687,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // more than the threshold since its last move (kernel.h's conditional rescaling).
   __device__ __forceinline__ void update_max(float (&tile_max)[kRows]) {
     constexpr float kThreshold = BINFORMER_FWD_RESCALE_THRESHOLD;
+    // wgmma: the rescale below is decided per warp, the wait must be uniform per warpgroup.
+    if constexpr (kWgmma) pv_drain();
     float m_old[kRows];
     bool moved[kRows];
     bool any = false;
@@ -601,7 +731,14 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int r = 0; r < kRows; ++r) {
       ok &= row_of(r) >= a.Nq || (range_ok && m_run[r] >= kFloor && fabsf(lse_shift[r]) < kInf);
     }
-    if (__all_sync(0xffffffffu, ok)) {
+    bool all_ok;
+    if constexpr (kWgmma) {
+      pv_drain();
+      all_ok = __syncthreads_and(ok) != 0;  // fixed stays uniform per block
+    } else {
+      all_ok = __all_sync(0xffffffffu, ok);
+    }
+    if (all_ok) {
       float factor[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -614,6 +751,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   }
 };
 
+// The dynamic shared memory base rounded up to kAlign (the launcher adds Tr::kSmemAlignSlack).
+template <int kAlign>
+__device__ __forceinline__ unsigned char* align_smem_base(unsigned char* p) {
+  return p + ((kAlign - (smem_u32(p) & (kAlign - 1))) & (kAlign - 1));
+}
+
 #if !defined(BINFORMER_FWD_HOST_EMULATION)  // (the emulator runs the block directly)
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
@@ -621,6 +764,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
   extern __shared__ __align__(128) unsigned char fwd_smem[];
   FwdBoundedBlock<Tr> block(args, fwd_smem);
   block.run();
+}
+
+// sm_90a only (wgmma); the other compilations leave the body empty and launch.h never launches
+// it there (it checks the device and the kernel's binary version).
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
+    attention_fwd_bounded_wgmma_kernel(const __grid_constant__ FwdArgs args) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  extern __shared__ __align__(128) unsigned char fwd_smem[];
+  FwdBoundedBlock<Tr> block(args, align_smem_base<Tr::kSmemAlign>(fwd_smem));
+  block.run();
+#endif
 }
 #endif
 

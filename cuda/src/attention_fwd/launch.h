@@ -1,6 +1,9 @@
 // Launch templates of the forward kernels; included only by the generated instantiation files.
 #pragma once
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "fwd_api.h"
 #include "kernel.h"
@@ -52,22 +55,66 @@ inline int relpos_window_floats(const FwdArgs& args, int block_m) {
   return most + 3;
 }
 
-template <class Tr>
-cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
-  size_t smem = Tr::kSmemFixed;
-  if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * sizeof(float) + 15) / 16 * 16;
-  return launch_kernel<Tr>(attention_fwd_bounded_kernel<Tr>, args, smem, stream);
+// The sm_90a wgmma P.V variant of the bounded kernels (kernel_bounded.h, pv_wgmma.h) runs when
+// BINFORMER_FWD_SM90=1 is set in the environment (read at every call, so that one process can
+// A/B both paths), on a compute capability 9.0 device, for fp16/bf16 V with Dv = 64 (any d,
+// causal, rel-pos). Default off until it has been measured. BINFORMER_FWD_SM90_LOG=1 prints one
+// line on the first launch of that path.
+inline bool fwd_wgmma_requested() {
+  const char* env = std::getenv("BINFORMER_FWD_SM90");
+  return env != nullptr && std::strcmp(env, "1") == 0;
 }
 
-template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, bool kWide>
+inline bool fwd_device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+// Whether the loaded binary of `kernel` is sm_90a code (a build without 90a in
+// BINFORMER_CUDA_ARCHS would run PTX or sm_80 code, where the kernel body is empty).
+template <class Kernel>
+bool fwd_kernel_has_sm90_code(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
+  return attr.binaryVersion == 90;
+}
+
+template <class Tr>
+cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
+  size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
+  if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * sizeof(float) + 15) / 16 * 16;
+  if constexpr (Tr::kWgmma) {
+    static const bool has_code = fwd_kernel_has_sm90_code(attention_fwd_bounded_wgmma_kernel<Tr>);
+    if (!has_code) return cudaErrorNotSupported;  // the caller falls back to mma.sync
+    static bool logged = false;
+    if (!logged) {
+      logged = true;
+      const char* log = std::getenv("BINFORMER_FWD_SM90_LOG");
+      if (log != nullptr && std::strcmp(log, "1") == 0) {
+        std::fprintf(stderr, "binformer: attention_fwd sm_90a wgmma P.V kernel (Dv %d, %s V, d form %d, rel-pos %d)\n",
+                     Tr::kDvPad, Tr::kPv == PvKind::kBF16 ? "bf16" : "fp16", int(Tr::kQK), int(Tr::kBoundedRelPos));
+      }
+    }
+    return launch_kernel<Tr>(attention_fwd_bounded_wgmma_kernel<Tr>, args, smem, stream);
+  } else {
+    return launch_kernel<Tr>(attention_fwd_bounded_kernel<Tr>, args, smem, stream);
+  }
+}
+
+template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, bool kWide, bool kWgmma = false>
 cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
   if (args.d <= 64) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kWide>>(args, stream);
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kWide, kWgmma>>(args, stream);
   }
   if (args.d <= 128) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kWide>>(args, stream);
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kWide, kWgmma>>(args, stream);
   }
-  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kWide>>(args, stream);
+  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kWide, kWgmma>>(args, stream);
 }
 
 // fp16/bf16 V without a dense bias and without a per-token k scale: the bounded-max kernels
@@ -84,6 +131,13 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
     }
   }
   launched = true;
+  // sm_90a: wgmma P.V (8-warp shape = two warpgroups, every key range), when requested.
+  if constexpr (kDvPad == 64 && !kDvMasked) {
+    if (fwd_wgmma_requested() && fwd_device_is_sm90()) {
+      const cudaError_t err = run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true>(args, stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
+  }
   // Dv <= 64 without rel-pos: the 4-warp shape for long key ranges (tile_config.h).
   if constexpr (kDvPad <= 64 && !kRelPos) {
     if (args.Nk > BINFORMER_FWD_BOUNDED_WIDE_MAX_NK) {

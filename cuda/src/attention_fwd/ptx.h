@@ -92,6 +92,79 @@ __device__ __forceinline__ void mma_u8s8_16832(int (&c)[4], const uint32_t (&a)[
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ------------------------------------------------------------------ sm_90a: wgmma (P.V)
+// Warpgroup-level asynchronous MMA (PTX ISA "wgmma"), compiled only for sm_90a; elsewhere the
+// wrappers trap (the sm_90a kernels are launched only on sm_90 devices whose binary holds sm_90a
+// code, launch.h). Register fragments of wgmma.m64nNk16 for warp w (0..3) of the warpgroup:
+//   A (.f16/.bf16, 4 x b32): a0 = (16w + g, k 2t..2t+1), a1 = (16w + g + 8, k 2t..), a2 = (16w + g,
+//     k 2t+8..), a3 = (16w + g + 8, k 2t+8..): the m16n8k16 A layout of the warp's 16 rows;
+//   D (.f32, N/2 floats): d[4i + e] = (16w + g + 8 (e / 2), 8i + 2t + e % 2): the m16n8 C layout of
+//     n8 block i, so the mma.sync accumulator o[nd][e] is the wgmma accumulator unchanged.
+// B comes from shared memory through a matrix descriptor (pv_wgmma.h).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BINFORMER_FWD_WGMMA_CODE 1
+#endif
+
+// Orders this thread's earlier register writes (the P fragments) before the next wgmma reads.
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// Waits until at most N committed groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+// Keeps the compiler from moving accesses of an accumulator register across a wgmma fence /
+// wait (the asm statements above do not name the accumulators).
+__device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void reg_fence_u32(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+// D(64 x 64, f32) += A(64 x 16, registers) * B(16 x 64, shared memory, MN-major: imm-trans-b = 1).
+template <bool kBF16>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4],
+                                                   uint64_t desc_b) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
+  asm volatile(                                                                               \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                            \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                         \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "      \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                           \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),             \
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),             \
+        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),             \
+        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),             \
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),             \
+        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),             \
+        "+f"(d[7][2]), "+f"(d[7][3])                                                          \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
+  if constexpr (kBF16) {
+    BINFORMER_WGMMA_ASM("bf16");
+  } else {
+    BINFORMER_WGMMA_ASM("f16");
+  }
+#undef BINFORMER_WGMMA_ASM
+#else
+  __trap();
+#endif
+}
+
 // ------------------------------------------------------------------ shared memory
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"

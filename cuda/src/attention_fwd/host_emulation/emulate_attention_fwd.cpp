@@ -28,7 +28,8 @@ namespace ref = binformer::test::attention_fwd_ref;
 
 namespace {
 
-enum class Kernel { kBounded, kOnline, kOnlineBias };  // kOnlineBias: rel-pos via kernel.h
+// kOnlineBias: rel-pos via kernel.h; kWgmma: the bounded kernel's sm_90a variant (Dv = 64).
+enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma };
 
 struct Case {
   std::string name;
@@ -49,8 +50,14 @@ struct Case {
 
 template <class Tr>
 void entry(const FwdArgs& args) {
-  FwdBoundedBlock<Tr> block(args, fwd_emulation::smem_base());
-  block.run();
+  if constexpr (Tr::kWgmma) {  // as attention_fwd_bounded_wgmma_kernel
+    FwdBoundedBlock<Tr> block(args, align_smem_base<Tr::kSmemAlign>(fwd_emulation::smem_base()));
+    block.run();
+    wgmma_emulation::wgmma_check_drained();
+  } else {
+    FwdBoundedBlock<Tr> block(args, fwd_emulation::smem_base());
+    block.run();
+  }
 }
 
 template <class Tr, bool kPerTokenK>
@@ -71,17 +78,17 @@ void launch_online(FwdArgs args) {
 template <class Tr>
 void launch(FwdArgs args) {
   args.num_m_blocks = (args.Nq + Tr::kBlockM - 1) / Tr::kBlockM;
-  size_t smem = Tr::kSmemFixed;
+  size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
   if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
   bwd_emulation::launch(entry<Tr>, unsigned(args.num_m_blocks * args.B * args.H), unsigned(Tr::kThreads),
                         smem, args);
 }
 
-template <int kDv, PvKind kPv, bool kRelPos>
+template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false>
 void dispatch(FwdArgs& args) {
-  if (args.d <= 64) launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos>>(args);
-  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos>>(args);
-  else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos>>(args);
+  if (args.d <= 64) launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos, true, kWgmma>>(args);
+  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, true, kWgmma>>(args);
+  else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos, true, kWgmma>>(args);
 }
 
 template <int kDv, PvKind kPv, bool kRelPos>
@@ -89,6 +96,14 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
   const bool ptk = args.k_scale_abs != nullptr;
   if (kernel == Kernel::kBounded) {
     dispatch<kDv, kPv, kRelPos>(args);
+  } else if (kernel == Kernel::kWgmma) {
+    if constexpr (kDv == 64) {
+      const long long before = wgmma_emulation::wgmma_issued_total();
+      dispatch<kDv, kPv, kRelPos, true>(args);
+      if (wgmma_emulation::wgmma_issued_total() == before) std::abort();  // the wgmma path must have run
+    } else {
+      std::abort();  // (Dv = 64 only)
+    }
   } else if (kernel == Kernel::kOnline) {
     using Tr = FwdTraits<kDv, kPv, false, false>;
     ptk ? launch_online<Tr, true>(args) : launch_online<Tr, false>(args);
@@ -374,6 +389,21 @@ int main(int argc, char** argv) {
     r.ww = 14; r.prefix = 1; r.Nq = r.Nk = 197; add(r);
     r.name = "online_bias_relpos_ptk"; r.per_token_k = true; r.wh = 7; r.ww = 9; r.prefix = 0;
     r.Nq = r.Nk = 63; r.causal = true; add(r);
+  }
+  {  // the sm_90a variant (wgmma P.V) on every bounded Dv = 64 case, plus longer key ranges
+    std::vector<Case> wg;
+    for (const Case& c : cases) {
+      if (c.kernel != Kernel::kBounded || c.dv != 64) continue;
+      Case w = c;
+      w.kernel = Kernel::kWgmma;
+      w.name = "wgmma_" + c.name;
+      wg.push_back(w);
+    }
+    Case c; c.kernel = Kernel::kWgmma; c.name = "wgmma_long_causal"; c.Nq = 200; c.Nk = 700;
+    c.causal = true; c.scale_mult = 0.4; wg.push_back(c);
+    c.name = "wgmma_long_bf16"; c.causal = false; c.bf16 = true; c.Nq = 130; c.Nk = 1100; c.scale_mult = 1.0;
+    wg.push_back(c);
+    for (Case& w : wg) add(w);
   }
   bool all = true;
   for (const Case& c : cases) {

@@ -8,6 +8,8 @@
 #pragma once
 #include <atomic>
 #include <cmath>
+#include <deque>
+#include <vector>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -17,6 +19,10 @@
 // ---------------------------------------------------------------- CUDA types and intrinsics
 #define __shared__ static  // block-scope shared arrays: one per kernel (CTAs run one at a time)
 #define __grid_constant__
+// The vector types and bit-cast intrinsics the forward kernels use, declared in the kernels'
+// namespace (unqualified lookup there finds these first), so that they never collide with the
+// ones the shared bwd_emulation.h may declare at global scope.
+namespace binformer::cuda::fwd {
 struct int2 { int x, y; };
 struct uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
@@ -30,6 +36,7 @@ inline float __log2f(float x) { return std::log2(x); }
 inline int __float2int_rn(float x) { return int(std::nearbyint(x)); }
 inline float __int2float_rn(int x) { return float(x); }
 inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+}  // namespace binformer::cuda::fwd
 
 namespace fwd_emulation {
 using namespace bwd_emulation;
@@ -59,16 +66,32 @@ inline bool __all_sync(unsigned mask, bool v) {
   if (mask != 0xffffffffu) std::abort();
   return fwd_emulation::vote(v, true);
 }
+// Block-wide AND vote (slot 6 of every thread; the warp collectives use 0-5 and 7).
+inline int __syncthreads_and(int v) {
+  using namespace fwd_emulation;
+  slot(tid())[6] = v != 0 ? 1u : 0u;
+  __syncthreads();
+  int all = 1;
+  for (unsigned t = 0; t < tl_cta->threads; ++t) all &= slot(t)[6] != 0 ? 1 : 0;
+  __syncthreads();
+  return all;
+}
 
 namespace binformer::cuda::fwd {
 
+// Shared-memory "addresses" start at this offset, a multiple of 128 but not of 1024: kernels that
+// need 1024-byte alignment (the wgmma swizzle) must align their base themselves, as on the GPU.
+inline constexpr uint32_t kEmulatedSmemAddrBase = 0x280;
 inline uint32_t smem_u32(const void* p) {
   const auto* base = fwd_emulation::smem_base();
   const auto* q = static_cast<const unsigned char*>(p);
   if (q < base || q >= base + (1 << 20)) std::abort();  // not a shared-memory pointer
-  return uint32_t(q - base);
+  return uint32_t(q - base) + kEmulatedSmemAddrBase;
 }
-inline unsigned char* smem_ptr(uint32_t addr) { return fwd_emulation::smem_base() + addr; }
+inline unsigned char* smem_ptr(uint32_t addr) {
+  if (addr < kEmulatedSmemAddrBase) std::abort();
+  return fwd_emulation::smem_base() + (addr - kEmulatedSmemAddrBase);
+}
 
 // ------------------------------------------------------------------ b1 products
 // A (16 x k, row-major bits): a[0] = row g words t (k 32t..), a[1] = row g+8, a[2] / a[3] the
@@ -147,6 +170,129 @@ inline void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, ui
 inline void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emulate_16816<true>(c, a, b0, b1);
 }
+// ------------------------------------------------------------------ wgmma (sm_90a)
+// PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate" (wgmma), written from the ISA
+// independently of the kernel's pv_wgmma.h:
+//   - wgmma.mma_async.m64nNk16 with A in registers: warp w of the warpgroup supplies rows 16w ..
+//     16w + 15 of A in the m16n8k16 A layout, a0 = (g, k 2t..2t+1), a1 = (g + 8, k 2t..),
+//     a2 = (g, k 2t+8..), a3 = (g + 8, k 2t+8..) (lower k in the lower half);
+//   - D (f32): d[4i + e] = (row g + 8 (e / 2) of the warp's 16, column 8i + 2t + e % 2);
+//   - B (K x N) from shared memory through the 64-bit matrix descriptor: start address (bits
+//     0-13), leading-dimension byte offset LBO (16-29), stride-dimension byte offset SBO (32-45),
+//     all >> 4; base offset (49-51); swizzle mode (62-63: 0 none, 1 128B, 2 64B, 3 32B). With
+//     imm-trans-b = 1 (MN-major, 16-bit, T = 8 elements per 16 bytes) the canonical layouts are
+//       none:  ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO))
+//       32B:   ((T,2,m),(8,k)) : ((1,T,LBO),(2T,SBO))
+//       64B:   ((T,4,m),(8,k)) : ((1,T,LBO),(4T,SBO))
+//       128B:  ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO))
+//     (element strides; the first mode is N, the second K), and the swizzle XORs the 16-byte
+//     chunk bits 4.. of the resulting address with the bits 7.. (1, 2 or 3 bits);
+//   - asynchrony: the operands and the accumulator are read and written at some point between the
+//     wgmma and the wgmma.wait_group that retires its commit group. The emulator does all of it at
+//     that wait (A is captured at issue: register reuse is ptxas's business), so a kernel that
+//     reads the accumulator or overwrites V before the wait computes with stale / wrong values.
+namespace wgmma_emulation {
+using namespace ::fwd_emulation;
+struct WgmmaOp {
+  float* d;           // the thread's 32 accumulator registers
+  double a[2][16];    // rows g and g + 8 of the warp's A, k = 0..15
+  uint64_t desc;
+  bool bf16;
+};
+inline thread_local std::vector<WgmmaOp> wgmma_open;
+inline thread_local std::deque<std::vector<WgmmaOp>> wgmma_groups;
+inline thread_local bool wgmma_fenced = false;
+inline std::atomic<long long> wgmma_issued{0};  // all threads (the driver checks the path ran)
+inline long long wgmma_issued_total() { return wgmma_issued.load(); }
+
+// Byte address of B(k, n) (16-bit elements, MN-major) under the descriptor.
+inline uint32_t wgmma_b_address_mn_major(uint64_t desc, unsigned k, unsigned n) {
+  const uint32_t start = uint32_t(desc & 0x3FFFu) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3FFFu) << 4;
+  const unsigned base_offset = unsigned(desc >> 49) & 7u;
+  const unsigned mode = unsigned(desc >> 62) & 3u;
+  if (base_offset != 0) std::abort();  // (not emulated: only aligned swizzle patterns are used)
+  const unsigned swz_bits = mode == 1 ? 3 : mode == 2 ? 2 : mode == 3 ? 1 : 0;
+  const unsigned chunks = 1u << swz_bits;  // 16-byte chunks along N per swizzle row
+  const unsigned T = 8;
+  uint32_t off;
+  if (mode == 0) {
+    off = (n % T) * 2 + (n / T) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+  } else {
+    const unsigned e = T * chunks;  // elements along N in one swizzle row
+    off = (n % e) * 2 + (n / e) * lbo + (k % 8) * (16 * chunks) + (k / 8) * sbo;
+  }
+  uint32_t addr = start + off;
+  addr ^= ((addr >> 7) & (chunks - 1)) << 4;
+  return addr;
+}
+
+inline void wgmma_execute(const WgmmaOp& op) {
+  const unsigned g = lane() / 4, t = lane() % 4;
+  for (int i = 0; i < 8; ++i)
+    for (int e = 0; e < 4; ++e) {
+      const unsigned col = 8 * i + 2 * t + (e & 1);
+      double sum = 0;
+      for (unsigned k = 0; k < 16; ++k) {
+        uint16_t bits;
+        std::memcpy(&bits, binformer::cuda::fwd::smem_ptr(wgmma_b_address_mn_major(op.desc, k, col)), 2);
+        const double bv = op.bf16 ? binformer::test::bf16_bits_to_double(bits)
+                                  : binformer::test::half_bits_to_double(bits);
+        sum += op.a[e / 2][k] * bv;
+      }
+      op.d[4 * i + e] = float(double(op.d[4 * i + e]) + sum);
+    }
+}
+
+// Called after a block finished: nothing may be left in flight.
+inline void wgmma_check_drained() {
+  if (!wgmma_open.empty() || !wgmma_groups.empty()) std::abort();
+}
+}  // namespace wgmma_emulation
+
+inline void wgmma_fence() { wgmma_emulation::wgmma_fenced = true; }
+inline void wgmma_commit() {
+  using namespace wgmma_emulation;
+  wgmma_groups.push_back(std::move(wgmma_open));
+  wgmma_open.clear();
+  wgmma_fenced = false;  // (the kernel fences before every group)
+}
+template <int N>
+inline void wgmma_wait() {
+  using namespace wgmma_emulation;
+  while (wgmma_groups.size() > size_t(N)) {
+    for (const WgmmaOp& op : wgmma_groups.front()) wgmma_execute(op);
+    wgmma_groups.pop_front();
+  }
+}
+inline void reg_fence(float&) {}
+inline void reg_fence_u32(uint32_t&) {}
+
+template <bool kBF16>
+inline void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  using namespace wgmma_emulation;
+  if (!wgmma_fenced) std::abort();  // PTX: wgmma.fence before the wgmma that reads new registers
+  auto& s = slot(tid());
+  s[0] = a[0]; s[1] = a[1]; s[2] = a[2]; s[3] = a[3];
+  s[4] = uint32_t(desc_b); s[5] = uint32_t(desc_b >> 32);
+  warp_sync();
+  const unsigned g = lane() / 4, base = warp_base();
+  WgmmaOp op{&d[0][0], {}, desc_b, kBF16};
+  for (unsigned h = 0; h < 2; ++h)
+    for (unsigned k = 0; k < 16; ++k) {
+      const uint32_t r = slot(base + 4 * g + (k % 8) / 2)[h + (k >= 8 ? 2 : 0)];
+      op.a[h][k] = half_of<kBF16>(r, k % 2 == 1);
+    }
+  // .aligned: the same descriptor in every lane of the warp
+  for (unsigned l = 0; l < 32; ++l) {
+    if (slot(base + l)[4] != s[4] || slot(base + l)[5] != s[5]) std::abort();
+  }
+  warp_sync();
+  wgmma_open.push_back(op);
+  ++wgmma_issued;
+}
+
 // The fp32-V and pv_int8 paths are not emulated.
 inline void mma_tf32_1688(float (&)[4], const uint32_t (&)[4], uint32_t, uint32_t) { std::abort(); }
 inline void mma_u8s8_16832(int (&)[4], const uint32_t (&)[4], uint32_t, uint32_t) { std::abort(); }
