@@ -61,6 +61,7 @@ struct ForwardPlan {
   PvMode mode;
   bool k_factor_per_key;
   bool bias_in_row_buffer;  // bias/rel-pos expanded per row into fp32 (else: direct fp32 rows)
+  bool score_tables;        // ScoreTables may be used (not disabled through the environment)
   AlignedArray<uint32_t> k_bits_t;
   AlignedArray<float> k_factor;
   AlignedArray<char> v_packed;
@@ -87,37 +88,50 @@ size_t v_elem_size(PvMode mode) {
   return 4;
 }
 
+// dst[(j / kGroup) * dv_pad * kGroup + c * kGroup + j % kGroup] = src row j, channel c, for the
+// real keys and channels (the caller zeroes the rest).
+template <int kGroup, class Src, class Dst>
+void interleave_v_rows(const Src* src, int64_t row_stride, int64_t nk, int dv, int dv_pad, Dst* dst) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const Src* row = src + j * row_stride;
+    Dst* out = dst + (j / kGroup) * dv_pad * kGroup + j % kGroup;
+    for (int c = 0; c < dv; ++c) out[c * kGroup] = Dst(row[c]);
+  }
+}
+
 // Packs one head's V rows [Nk, Dv] into the P.V layout: groups of g keys, inside a group
 // channel-major with the g keys of a channel adjacent ([Nk_pad / g][Dv_pad][g]); padded keys
-// and channels are zero (their P is 0, and 0 * garbage could be NaN).
+// and channels are zero (their P is 0, and 0 * garbage could be NaN). One loop per layout with
+// the element types known (a run-time dtype switch per element was 6% of a pv_int8 forward).
 void prepare_v(const ForwardPlan& plan, int64_t b, int64_t h, void* dst) {
   const AttentionFwdParams& p = plan.p;
-  const int g = keys_per_group(plan.mode), dv = p.v_dim, dv_pad = plan.dv_pad;
-  const int64_t groups = plan.nk_pad / g;
-  const int64_t head_off = b * p.v_stride[0] + h * p.v_stride[1];
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    for (int lane = 0; lane < g; ++lane) {
-      const int64_t j = grp * g + lane;
-      for (int c = 0; c < dv_pad; ++c) {
-        const bool real = j < p.Nk && c < dv;
-        const int64_t src = head_off + j * p.v_stride[2] + c;
-        const int64_t at = (grp * dv_pad + c) * g + lane;
-        switch (plan.mode) {
-          case PvMode::kF32:
-            static_cast<float*>(dst)[at] = real ? load_as_float(p.v, p.v_dtype, src) : 0.0f;
-            break;
-          case PvMode::kBf16:
-            static_cast<uint16_t*>(dst)[at] = real ? static_cast<const uint16_t*>(p.v)[src] : uint16_t(0);
-            break;
-          case PvMode::kInt8Vnni:
-            static_cast<int8_t*>(dst)[at] = real ? static_cast<const int8_t*>(p.v)[src] : int8_t(0);
-            break;
-          case PvMode::kInt8Madd:
-            static_cast<int16_t*>(dst)[at] = real ? static_cast<const int8_t*>(p.v)[src] : int16_t(0);
-            break;
+  const int dv = p.v_dim, dv_pad = plan.dv_pad;
+  const int64_t head_off = b * p.v_stride[0] + h * p.v_stride[1], stride = p.v_stride[2];
+  std::memset(dst, 0, size_t(plan.nk_pad) * dv_pad * v_elem_size(plan.mode));
+  switch (plan.mode) {
+    case PvMode::kF32: {  // fp32 rows (Dv not a multiple of 16) or fp16 / bf16 widened
+      const char* src = static_cast<const char*>(p.v) + head_off * dtype_size(p.v_dtype);
+      float* out = static_cast<float*>(dst);
+      for (int64_t j = 0; j < p.Nk; ++j)
+        for (int c = 0; c < dv; c += 16) {
+          const __mmask16 lanes = first_lanes16(dv - c);
+          _mm512_mask_storeu_ps(out + j * dv_pad + c, lanes,
+                                load16_as_float(src + (j * stride + c) * dtype_size(p.v_dtype), p.v_dtype, lanes));
         }
-      }
+      break;
     }
+    case PvMode::kBf16:
+      interleave_v_rows<2>(static_cast<const uint16_t*>(p.v) + head_off, stride, p.Nk, dv, dv_pad,
+                           static_cast<uint16_t*>(dst));
+      break;
+    case PvMode::kInt8Vnni:
+      interleave_v_rows<4>(static_cast<const int8_t*>(p.v) + head_off, stride, p.Nk, dv, dv_pad,
+                           static_cast<int8_t*>(dst));
+      break;
+    case PvMode::kInt8Madd:
+      interleave_v_rows<2>(static_cast<const int8_t*>(p.v) + head_off, stride, p.Nk, dv, dv_pad,
+                           static_cast<int16_t*>(dst));
+      break;
   }
 }
 
@@ -128,6 +142,7 @@ void build_plan(ForwardPlan& plan) {
   plan.nk_pad = round_up(std::max<int64_t>(p.Nk, 1), kKeyBlock);
   plan.dv_pad = int(round_up(p.v_dim, 16));
   plan.mode = choose_mode(p);
+  plan.score_tables = cpu_score_tables_enabled();
   plan.k_factor_per_key = p.k_scale && p.k_scale_stride[2] != 0;
   plan.bias_in_row_buffer =
       p.rel_pos_table || (p.bias && (p.bias_dtype != DType::kFloat32 || p.bias_stride[3] != 1));
@@ -294,12 +309,9 @@ inline void pv_end(PvAcc<kMode> (&acc)[kTileRows][kVecs], float* const* acc_mem,
 }
 
 // ------------------------------------------------------------------ scores and softmax
-// p = 2^x stored at prob[r][v .. v + 16) in the layout of kMode; returns p.
+// Stores p (16 keys at prob[r][v ..]) in the layout of kMode.
 template <PvMode kMode>
-inline __m512 exp_store(ProbBlock& prob, int r, int v, __m512 x, bool may_be_neg_inf) {
-  // P that is rounded to 8 bits right after (bf16, u8) needs less than the fp32-accurate exp.
-  constexpr int kDegree = kMode == PvMode::kF32 ? 6 : 4;
-  const __m512 p = may_be_neg_inf ? exp2_ps<kDegree>(x) : exp2_finite_ps<kDegree>(x);
+inline void store_prob(ProbBlock& prob, int r, int v, __m512 p) {
   if constexpr (kMode == PvMode::kF32) {
     _mm512_store_ps(&prob.f32[r][v], p);
   } else if constexpr (kMode == PvMode::kBf16) {
@@ -308,12 +320,116 @@ inline __m512 exp_store(ProbBlock& prob, int r, int v, __m512 x, bool may_be_neg
     // round(p * 255) with p in [0, 1]: vcvtps2dq rounds to nearest even.
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(p, _mm512_set1_ps(255.0f)));
     if constexpr (kMode == PvMode::kInt8Vnni) {
-      _mm_store_si128(reinterpret_cast<__m128i*>(&prob.u8[r][v]), _mm512_cvtusepi32_epi8(q));
+      // Unsigned saturation to 8 bits as VPMOVUSDB does, but VPMOVUSDB with a memory operand
+      // is slow on Zen 4 (a third of the score pass in perf): min, then VPSHUFB (byte 0 of each
+      // dword to the low dword of its 128-bit lane) and VPERMD (those 4 dwords to the bottom),
+      // and a 16-byte store.
+      const __m512i lane_bytes = _mm512_set4_epi32(-1, -1, -1, 0x0c080400);
+      const __m512i dwords = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+      const __m512i packed = _mm512_permutexvar_epi32(
+          dwords, _mm512_shuffle_epi8(_mm512_min_epu32(q, _mm512_set1_epi32(255)), lane_bytes));
+      _mm_store_si128(reinterpret_cast<__m128i*>(&prob.u8[r][v]), _mm512_castsi512_si128(packed));
     } else {
       _mm256_store_si256(reinterpret_cast<__m256i*>(&prob.u16[r][v]), _mm512_cvtusepi32_epi16(q));
     }
   }
+}
+
+// p = 2^x stored at prob[r][v .. v + 16) in the layout of kMode; returns p.
+template <PvMode kMode>
+inline __m512 exp_store(ProbBlock& prob, int r, int v, __m512 x, bool may_be_neg_inf) {
+  // P that is rounded to 8 bits right after (bf16, u8) needs less than the fp32-accurate exp.
+  constexpr int kDegree = kMode == PvMode::kF32 ? 6 : 4;
+  const __m512 p = may_be_neg_inf ? exp2_ps<kDegree>(x) : exp2_finite_ps<kDegree>(x);
+  store_prob<kMode>(prob, r, v, p);
   return p;
+}
+
+// ------------------------------------------------------------------ score tables (no bias)
+// Without a bias or per-key factor the log2-domain score of row r is a function of the popcount
+// n = popcount(q ^ k) in [0, d] alone: x(n) = n slope_r + (offset_r - m). With slope_r <= 0
+// (non-negative scale and row factor: the usual case) and d <= 255, p = 2^x(n) factors as
+//   p(n) = hi_r[n >> 4] * lo_r[n & 15],  hi_r[h] = 2^x(16 h),  lo_r[l] = 2^(slope_r l) <= 1,
+// two 16-entry VPERMPS lookups and one multiply per 16 keys in place of the convert, the score
+// FMA and the exp2 polynomial (~10 FMA-pipe ops). The tables are rebuilt (degree-6 exp2, 2
+// vectors per row) only when the row's reference maximum moves, i.e. rarely (BlockSoftmax).
+// Error: the two table entries (exp2 of a rounded argument each) and the product add up to
+// ~3 u32 relative to 2^x(n), inside the exp term of the error model (tests/python/conftest.py);
+// with lo = 0 or subnormal the true p is below 2^(slack - 126): an absolute error, negligible.
+// The maximum of x over a block is x(min n) (the popcounts' minimum, on the integer pipes).
+struct ScoreTables {
+  alignas(64) float hi[kTileRows][16];
+  alignas(64) float lo[kTileRows][16];
+  float built_for_m[kTileRows];  // the m of each row's tables (NaN: none yet)
+
+  void reset() {
+    for (int r = 0; r < kTileRows; ++r) built_for_m[r] = std::numeric_limits<float>::quiet_NaN();
+  }
+  void ensure(const TileRows& rows, int r, float m) {
+    if (built_for_m[r] == m) return;
+    const __m512 index = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 slope = _mm512_set1_ps(rows.slope[r]);
+    // x(16 h) exactly as the polynomial path computes x(n): one FMA on n with offset_r - m.
+    const __m512 x_hi = _mm512_fmadd_ps(_mm512_mul_ps(index, _mm512_set1_ps(16.0f)), slope,
+                                        _mm512_set1_ps(rows.offset[r] - m));
+    _mm512_store_ps(hi[r], exp2_finite_ps<6>(x_hi));
+    _mm512_store_ps(lo[r], exp2_finite_ps<6>(_mm512_mul_ps(index, slope)));
+    built_for_m[r] = m;
+  }
+};
+
+// Whether the rows of a tile qualify for the tables (see ScoreTables): finite coefficients,
+// slope <= 0, d <= 255 (n >> 4 <= 15).
+inline bool tables_apply(const TileRows& rows, int d) {
+  if (d > 255) return false;
+  for (int r = 0; r < kTileRows; ++r)
+    if (!(rows.slope[r] <= 0.0f) || !std::isfinite(rows.slope[r]) || !std::isfinite(rows.offset[r])) return false;
+  return true;
+}
+
+// p of 16 keys from their popcounts and row r's tables.
+inline __m512 table_exp(const ScoreTables& t, int r, __m512i count) {
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(count, 4), _mm512_load_ps(t.hi[r]));
+  const __m512 lo = _mm512_permutexvar_ps(count, _mm512_load_ps(t.lo[r]));  // uses bits 3:0
+  return _mm512_mul_ps(hi, lo);
+}
+
+// score_pass (below) through the tables: the same outputs (block_max = x(min n) over the
+// unmasked keys, -inf if none; with kExp p and its sums).
+template <PvMode kMode, bool kExp>
+void score_pass_tables(const TileRows& rows, const HeadInputs& head, int words, int64_t j0, int keys,
+                       const float* m_use, ScoreTables& tables, ProbBlock& prob, float* block_max, float* block_sum,
+                       unsigned row_mask) {
+  const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int r = 0; r < kTileRows; ++r) {
+    if (!((row_mask >> r) & 1u)) continue;
+    const float m = m_use ? m_use[r] : 0.0f;
+    if constexpr (kExp) tables.ensure(rows, r, m);
+    const uint32_t* q = rows.q[r];
+    __m512i vmin = _mm512_set1_epi32(-1);  // unsigned maximum
+    __m512 vsum = _mm512_setzero_ps();
+    for (int v = 0; v < keys; v += 16) {
+      const int64_t j = j0 + v;
+      const uint32_t* k_group = head.keys.bits_t + (j / 16) * words * 16;
+      __m512i count = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group), _mm512_set1_epi32(int(q[0]))));
+      for (int w = 1; w < words; ++w)
+        count = _mm512_add_epi32(count, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group + 16 * w),
+                                                                             _mm512_set1_epi32(int(q[w])))));
+      __mmask16 valid = 0xffff;
+      if (j + 16 > rows.unmasked_end)  // causal diagonal or the end of the keys
+        valid = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane_index, _mm512_set1_epi32(int(j))),
+                                        _mm512_set1_epi32(rows.key_limit[r]));
+      vmin = _mm512_mask_min_epu32(vmin, valid, vmin, count);
+      if constexpr (kExp) {
+        const __m512 p = _mm512_maskz_mov_ps(valid, table_exp(tables, r, count));
+        store_prob<kMode>(prob, r, v, p);
+        vsum = _mm512_add_ps(vsum, p);
+      }
+    }
+    const uint32_t n_min = _mm512_reduce_min_epu32(vmin);
+    block_max[r] = n_min == 0xffffffffu ? kNegInf : std::fma(float(n_min), rows.slope[r], rows.offset[r] - m);
+    if constexpr (kExp) block_sum[r] = _mm512_reduce_add_ps(vsum);
+  }
 }
 
 // One pass over the keys [j0, j0 + keys) of the rows in row_mask: per row the maximum of
@@ -337,6 +453,19 @@ void score_pass(const TileRows& rows, const HeadInputs& head, int words, int64_t
   }
 }
 
+// score_pass or score_pass_tables.
+template <PvMode kMode, bool kBias, bool kKeyFactor, bool kTables, bool kExp>
+inline void any_score_pass(const TileRows& rows, const HeadInputs& head, int words, int64_t j0, int keys,
+                           const float* m_use, ScoreTables& tables, ProbBlock& prob, float* block_max,
+                           float* block_sum, unsigned row_mask = (1u << kTileRows) - 1) {
+  if constexpr (kTables) {
+    static_assert(!kBias && !kKeyFactor, "the tables hold scores without bias or key factor");
+    score_pass_tables<kMode, kExp>(rows, head, words, j0, keys, m_use, tables, prob, block_max, block_sum, row_mask);
+  } else {
+    score_pass<kMode, kBias, kKeyFactor, kExp>(rows, head, words, j0, keys, m_use, prob, block_max, block_sum, row_mask);
+  }
+}
+
 // How far (log2 units) a block's scores may exceed the reference maximum before the block is
 // recomputed against its own maximum. P <= 2^slack stays far from fp32 overflow, so most blocks
 // exponentiate in the same pass that computes their scores and the reference rarely moves.
@@ -357,22 +486,24 @@ struct SoftmaxState {
 //  finish:  block_max holds max(s - m_use); rows that exceed the slack move their reference to
 //           the block maximum and the block's P is recomputed; alpha[r] = 2^(m_old - m_new) is
 //           the factor for the accumulators of earlier blocks; l is updated.
-template <PvMode kMode, bool kBias, bool kKeyFactor>
+template <PvMode kMode, bool kBias, bool kKeyFactor, bool kTables>
 struct BlockSoftmax {
   static void prepare(SoftmaxState& st, const TileRows& rows, const HeadInputs& head, int words, int64_t j0,
-                      int keys, ProbBlock& prob, float* m_use) {
+                      int keys, ScoreTables& tables, ProbBlock& prob, float* m_use) {
     bool any_unset = false;
     for (int r = 0; r < kTileRows; ++r) any_unset |= (st.m_ref[r] == kNegInf);
     if (any_unset) {
       float block_max[kTileRows];
-      score_pass<kMode, kBias, kKeyFactor, false>(rows, head, words, j0, keys, nullptr, prob, block_max, nullptr);
+      any_score_pass<kMode, kBias, kKeyFactor, kTables, false>(rows, head, words, j0, keys, nullptr, tables, prob,
+                                                              block_max, nullptr);
       for (int r = 0; r < kTileRows; ++r)
         if (st.m_ref[r] == kNegInf) st.m_ref[r] = block_max[r];  // may stay -inf: all masked so far
     }
     for (int r = 0; r < kTileRows; ++r) m_use[r] = st.m_ref[r] == kNegInf ? 0.0f : st.m_ref[r];
   }
   static void finish(SoftmaxState& st, const TileRows& rows, const HeadInputs& head, int words, int64_t j0,
-                     int keys, ProbBlock& prob, float* m_use, float* block_max, float* block_sum, float* alpha) {
+                     int keys, ScoreTables& tables, ProbBlock& prob, float* m_use, float* block_max,
+                     float* block_sum, float* alpha) {
     constexpr float kSlack = reference_slack(kMode);
     unsigned redo = 0;
     for (int r = 0; r < kTileRows; ++r) {
@@ -385,7 +516,8 @@ struct BlockSoftmax {
       }
     }
     if (redo)
-      score_pass<kMode, kBias, kKeyFactor, true>(rows, head, words, j0, keys, m_use, prob, block_max, block_sum, redo);
+      any_score_pass<kMode, kBias, kKeyFactor, kTables, true>(rows, head, words, j0, keys, m_use, tables, prob,
+                                                             block_max, block_sum, redo);
     for (int r = 0; r < kTileRows; ++r) st.l[r] = st.l[r] * alpha[r] + block_sum[r];
   }
 };
@@ -396,6 +528,7 @@ struct TaskScratch {
   AlignedArray<float> row_bias;  // [kTileRows][nk_pad] when the bias is expanded per row
   AlignedArray<uint32_t> q_bits; // [kTaskRows][words]
   ProbBlock prob;
+  ScoreTables tables;
 };
 
 struct TileJob {
@@ -412,7 +545,7 @@ struct TileJob {
 // exp of block n, accumulators held in registers across blocks) was measured slower on Zen 4
 // (fp32 5.2 vs 5.1, bf16 3.5 vs 3.2 cycles per score): both compete for the same vector
 // dispatch, and the exp's dependent FMA chain stalled behind the P.V FMAs (see NOTES.md).
-template <PvMode kMode, bool kBias, bool kKeyFactor>
+template <PvMode kMode, bool kBias, bool kKeyFactor, bool kTables>
 void run_tile(const TileJob& job, TaskScratch& s, SoftmaxState& st) {
   const ForwardPlan& plan = *job.plan;
   const HeadInputs& head = *job.head;
@@ -420,14 +553,16 @@ void run_tile(const TileJob& job, TaskScratch& s, SoftmaxState& st) {
   float* acc_mem[kTileRows];
   for (int r = 0; r < kTileRows; ++r) acc_mem[r] = s.acc.get() + r * plan.dv_pad;
   constexpr int g = keys_per_group(kMode);
-  using Softmax = BlockSoftmax<kMode, kBias, kKeyFactor>;
+  using Softmax = BlockSoftmax<kMode, kBias, kKeyFactor, kTables>;
   ProbBlock& prob = s.prob;
+  if constexpr (kTables) s.tables.reset();
   for (int64_t j0 = 0; j0 < job.key_end; j0 += kKeyBlock) {
     const int keys = int(std::min<int64_t>(kKeyBlock, job.key_end - j0));
     float m_use[kTileRows], block_max[kTileRows], block_sum[kTileRows], alpha[kTileRows];
-    Softmax::prepare(st, job.rows, head, words, j0, keys, prob, m_use);
-    score_pass<kMode, kBias, kKeyFactor, true>(job.rows, head, words, j0, keys, m_use, prob, block_max, block_sum);
-    Softmax::finish(st, job.rows, head, words, j0, keys, prob, m_use, block_max, block_sum, alpha);
+    Softmax::prepare(st, job.rows, head, words, j0, keys, s.tables, prob, m_use);
+    any_score_pass<kMode, kBias, kKeyFactor, kTables, true>(job.rows, head, words, j0, keys, m_use, s.tables, prob,
+                                                           block_max, block_sum);
+    Softmax::finish(st, job.rows, head, words, j0, keys, s.tables, prob, m_use, block_max, block_sum, alpha);
     const void* v_block = static_cast<const char*>(head.v) + (j0 / g) * head.v_group_pitch * v_elem_size(kMode);
     for (int c0 = 0; c0 < plan.dv_pad; c0 += kDvChunk) {
       auto chunk = [&](auto vec_count) {
@@ -451,8 +586,8 @@ using TileFn = void (*)(const TileJob&, TaskScratch&, SoftmaxState&);
 
 template <PvMode kMode>
 TileFn select_tile(bool bias, bool key_factor) {
-  if (bias) return key_factor ? run_tile<kMode, true, true> : run_tile<kMode, true, false>;
-  return key_factor ? run_tile<kMode, false, true> : run_tile<kMode, false, false>;
+  if (bias) return key_factor ? run_tile<kMode, true, true, false> : run_tile<kMode, true, false, false>;
+  return key_factor ? run_tile<kMode, false, true, false> : run_tile<kMode, false, false, false>;
 }
 
 // ------------------------------------------------------------------ one task
@@ -478,6 +613,7 @@ void run_task(const ForwardPlan& plan, TileFn tile_fn, TaskScratch& s, int64_t b
   }
 
   const RelPosGeometry geo(p.rel_pos_wh, p.rel_pos_ww, p.num_prefix_tokens);
+  const bool tables_allowed = plan.score_tables && !p.bias && !p.rel_pos_table && !plan.k_factor_per_key;
   const float* rel_table = p.rel_pos_table ? p.rel_pos_table + h * p.rel_pos_table_stride_h : nullptr;
   const float* rel_reversed = p.rel_pos_table ? plan.rel_table_reversed.get() + h * geo.table_size : nullptr;
 
@@ -532,7 +668,12 @@ void run_task(const ForwardPlan& plan, TileFn tile_fn, TaskScratch& s, int64_t b
       st.l[r] = 0.0f;
     }
     std::memset(s.acc.get(), 0, size_t(kTileRows) * dv_pad * sizeof(float));
-    tile_fn(job, s, st);
+    // Without bias or key factor, tiles whose coefficients allow it use the score tables.
+    if (tables_allowed && tables_apply(job.rows, d)) {
+      run_tile<kMode, false, false, true>(job, s, st);
+    } else {
+      tile_fn(job, s, st);
+    }
 
     // Epilogue: out = acc / l (pv_int8: times v_dequant / 255), lse = (m + log2 l) ln 2.
     for (int r = 0; r < rows; ++r) {

@@ -54,7 +54,8 @@ const CpuFeatures& cpu_features() {
   return features;
 }
 
-// Comma-separated list in BINFORMER_CPU_DISABLE (read on every call, for tests): "vnni", "bf16".
+// Comma-separated list in BINFORMER_CPU_DISABLE (read on every call, for tests): "vnni", "bf16",
+// "tables" (the forward's score tables).
 bool disabled_by_env(const char* feature) {
   const char* env = std::getenv("BINFORMER_CPU_DISABLE");
   if (!env) return false;
@@ -90,6 +91,7 @@ const char* isa_name(Isa isa) {
 namespace detail {
 bool cpu_has_vnni() { return cpu_features().vnni && !disabled_by_env("vnni"); }
 bool cpu_has_avx512_bf16() { return cpu_features().bf16 && !disabled_by_env("bf16"); }
+bool cpu_score_tables_enabled() { return !disabled_by_env("tables"); }
 
 void AlignedFree::operator()(void* ptr) const noexcept { std::free(ptr); }
 
@@ -133,6 +135,11 @@ void sign_matmul(const SignMatmulParams& p) {
 void attention_fwd(const AttentionFwdParams& p) {
   if (active_isa() == Isa::kAvx512) return detail::attention_fwd_avx512(p);
   detail::attention_fwd_scalar(p);
+}
+
+void quantize_v_int8(const QuantizeVParams& p) {
+  if (active_isa() == Isa::kAvx512) return detail::quantize_v_int8_avx512(p);
+  detail::quantize_v_int8_scalar(p);
 }
 
 void attention_bwd(const AttentionBwdParams& p) {

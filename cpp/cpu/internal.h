@@ -25,16 +25,21 @@ void pack_sign_scalar(const PackSignParams& p);
 void sign_matmul_scalar(const SignMatmulParams& p);
 void attention_fwd_scalar(const AttentionFwdParams& p);
 void attention_bwd_scalar(const AttentionBwdParams& p);
+void quantize_v_int8_scalar(const QuantizeVParams& p);
 
 void pack_sign_avx512(const PackSignParams& p);
 void sign_matmul_avx512(const SignMatmulParams& p);
 void attention_fwd_avx512(const AttentionFwdParams& p);
 void attention_bwd_avx512(const AttentionBwdParams& p);
+void quantize_v_int8_avx512(const QuantizeVParams& p);
 
 // Optional AVX-512 extensions, detected once; BINFORMER_CPU_DISABLE=vnni,bf16 (read on every
 // call) hides them so that tests can exercise the routes used on CPUs without them.
 bool cpu_has_vnni();
 bool cpu_has_avx512_bf16();
+// The forward's score tables (attention_fwd_avx512.cpp, ScoreTables); "tables" in
+// BINFORMER_CPU_DISABLE turns them off (tests of the polynomial route, A/B timing).
+bool cpu_score_tables_enabled();
 
 // ------------------------------------------------------------------ scratch memory
 // 64-byte aligned, uninitialised float/int scratch. Allocation lives in a portable TU.

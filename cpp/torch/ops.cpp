@@ -54,10 +54,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const std::optional<at::Tensor>& rel_pos_table, int64_t rel_pos_wh, int64_t rel_pos_ww,
     int64_t num_prefix_tokens, int64_t head_dim, double scale, bool is_causal, bool pv_int8,
     c10::string_view grad_mode) {
+  install_parallel_for_once();  // before prepare: it runs the pv_int8 V quantizer
   AttentionFwdCall c = prepare_attention_fwd(q, k, v, q_scale, k_scale, bias, rel_pos_table, rel_pos_wh, rel_pos_ww,
                                              num_prefix_tokens, head_dim, scale, is_causal, pv_int8, grad_mode);
   if (!c.trivial) {
-    install_parallel_for_once();
     cpu::attention_fwd(c.params);
   }
   return {c.out, c.lse};

@@ -319,7 +319,9 @@ TEST(BwdThreads, BitwiseDeterministicAcrossChunking) {
     s.causal = true;
     CaseSpec r = s;  // and a rel-pos problem (partial tables reduced per head)
     r.rel_wh = 9; r.rel_ww = 10; r.num_prefix = 1; r.Nq = r.Nk = 91; r.bias = BiasMode::kNone; r.causal = false;
-    for (const CaseSpec& spec : {s, r}) {
+    CaseSpec f = r;  // keys in one block: pass A also produces the query-side outputs (fused)
+    f.rel_wh = 7; f.rel_ww = 8; f.Nq = f.Nk = 57; f.B = 3; f.bias = BiasMode::kPerHead; f.causal = true;
+    for (const CaseSpec& spec : {s, r, f}) {
       const BwdCase c = make_bwd_case(spec);
       install_serial_parallel_for();
       const BwdOutputs a = run_backward(c, 0x7f);

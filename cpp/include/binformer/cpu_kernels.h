@@ -26,4 +26,20 @@ void sign_matmul(const SignMatmulParams& p);
 void attention_fwd(const AttentionFwdParams& p);
 void attention_bwd(const AttentionBwdParams& p);
 
+// pv_int8's V quantizer (BinaryAttention): per (b, h, channel) over the tokens,
+//   dequant = amax_n |V| / 127 (fp32; NaN if any V is NaN),
+//   v_q = clamp(round_half_even(V / dequant), -127, 127) with NaN -> 0 (+-inf -> +-127),
+// bit for bit the fp32 torch ops the reference uses (binformer.reference.quantize_v_int8):
+// fp32 division, not a multiplication by 127 / amax.
+struct QuantizeVParams {
+  int64_t B = 0, H = 0, N = 0;
+  int dv = 0;
+  const void* v = nullptr;     // [B, H, N, dv] fp32 / fp16 / bf16, channels contiguous
+  DType v_dtype = DType::kFloat32;
+  int64_t v_stride[3] = {0, 0, 0};  // elements, for B, H, N
+  int8_t* v_q = nullptr;       // [B, H, N, dv] contiguous
+  float* dequant = nullptr;    // [B, H, dv] contiguous
+};
+void quantize_v_int8(const QuantizeVParams& p);
+
 }  // namespace binformer::cpu
