@@ -222,6 +222,15 @@ struct PvAccType<PvMode::kInt8Madd> {
 template <PvMode kMode>
 using PvAcc = typename PvAccType<kMode>::type;
 
+// acc += u8 quads of a x s8 quads of b (VPDPBUSD). Through asm with the accumulator tied in
+// place: with the intrinsic, GCC 12 rotated the 16 accumulators of the P.V loop through other
+// registers every iteration (~27 zmm moves and a spill per 16 VPDPBUSD, objdump), which cost
+// more than the multiply-adds themselves.
+inline __m512i dpbusd_tied(__m512i acc, __m512i a, __m512i b) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+  return acc;
+}
+
 // acc[r][k] += sum over the keys [t0, t1) of the block of P[r][t] V[t][c0 + 16 k ..]: v_block is
 // the packed (or direct) V at the block's first key group, `pitch` the elements per key group.
 // t0 is a multiple of the group size; keys in the group tail past t1 have P = 0.
@@ -259,7 +268,7 @@ inline void pv_keys(PvAcc<kMode> (&acc)[kTileRows][kVecs], const ProbBlock& prob
         uint32_t quad;
         std::memcpy(&quad, &prob.u8[r][t], 4);
         const __m512i pr = _mm512_set1_epi32(int(quad));
-        for (int k = 0; k < kVecs; ++k) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], pr, vv[k]);
+        for (int k = 0; k < kVecs; ++k) acc[r][k] = dpbusd_tied(acc[r][k], pr, vv[k]);
       }
     }
   } else {  // kInt8Madd: u8 P and s8 V widened to int16 pairs
@@ -320,15 +329,7 @@ inline void store_prob(ProbBlock& prob, int r, int v, __m512 p) {
     // round(p * 255) with p in [0, 1]: vcvtps2dq rounds to nearest even.
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(p, _mm512_set1_ps(255.0f)));
     if constexpr (kMode == PvMode::kInt8Vnni) {
-      // Unsigned saturation to 8 bits as VPMOVUSDB does, but VPMOVUSDB with a memory operand
-      // is slow on Zen 4 (a third of the score pass in perf): min, then VPSHUFB (byte 0 of each
-      // dword to the low dword of its 128-bit lane) and VPERMD (those 4 dwords to the bottom),
-      // and a 16-byte store.
-      const __m512i lane_bytes = _mm512_set4_epi32(-1, -1, -1, 0x0c080400);
-      const __m512i dwords = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
-      const __m512i packed = _mm512_permutexvar_epi32(
-          dwords, _mm512_shuffle_epi8(_mm512_min_epu32(q, _mm512_set1_epi32(255)), lane_bytes));
-      _mm_store_si128(reinterpret_cast<__m128i*>(&prob.u8[r][v]), _mm512_castsi512_si128(packed));
+      _mm_store_si128(reinterpret_cast<__m128i*>(&prob.u8[r][v]), _mm512_cvtusepi32_epi8(q));
     } else {
       _mm256_store_si256(reinterpret_cast<__m256i*>(&prob.u16[r][v]), _mm512_cvtusepi32_epi16(q));
     }
@@ -387,11 +388,40 @@ inline bool tables_apply(const TileRows& rows, int d) {
   return true;
 }
 
-// p of 16 keys from their popcounts and row r's tables.
-inline __m512 table_exp(const ScoreTables& t, int r, __m512i count) {
-  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(count, 4), _mm512_load_ps(t.hi[r]));
-  const __m512 lo = _mm512_permutexvar_ps(count, _mm512_load_ps(t.lo[r]));  // uses bits 3:0
-  return _mm512_mul_ps(hi, lo);
+// One row of score_pass_tables with the word count known at compile time: the q words stay in
+// registers and the key pointer advances by a constant (with a run-time count GCC kept an inner
+// loop per 16 keys, with its branch and an imul for the address: half of the pass).
+template <PvMode kMode, bool kExp, int kWords>
+void score_row_tables(const TileRows& rows, int r, const uint32_t* k_bits_t, int64_t j0, int keys, float m,
+                      const ScoreTables& tables, ProbBlock& prob, float* block_max, float* block_sum) {
+  const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i q_words[kWords];
+  for (int w = 0; w < kWords; ++w) q_words[w] = _mm512_set1_epi32(int(rows.q[r][w]));
+  const __m512 hi = _mm512_load_ps(tables.hi[r]), lo = _mm512_load_ps(tables.lo[r]);
+  const uint32_t* k_group = k_bits_t + (j0 / 16) * kWords * 16;
+  __m512i vmin = _mm512_set1_epi32(-1);  // unsigned maximum
+  __m512 vsum = _mm512_setzero_ps();
+  for (int v = 0; v < keys; v += 16, k_group += kWords * 16) {
+    __m512i count = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group), q_words[0]));
+    for (int w = 1; w < kWords; ++w)
+      count = _mm512_add_epi32(count, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group + 16 * w), q_words[w])));
+    const int64_t j = j0 + v;
+    __mmask16 valid = 0xffff;
+    if (j + 16 > rows.unmasked_end)  // causal diagonal or the end of the keys
+      valid = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane_index, _mm512_set1_epi32(int(j))),
+                                      _mm512_set1_epi32(rows.key_limit[r]));
+    vmin = _mm512_mask_min_epu32(vmin, valid, vmin, count);
+    if constexpr (kExp) {
+      // p = hi[n >> 4] * lo[n & 15] (VPERMPS reads the low 4 index bits).
+      const __m512 p = _mm512_maskz_mul_ps(valid, _mm512_permutexvar_ps(_mm512_srli_epi32(count, 4), hi),
+                                           _mm512_permutexvar_ps(count, lo));
+      store_prob<kMode>(prob, r, v, p);
+      vsum = _mm512_add_ps(vsum, p);
+    }
+  }
+  const uint32_t n_min = _mm512_reduce_min_epu32(vmin);
+  block_max[r] = n_min == 0xffffffffu ? kNegInf : std::fma(float(n_min), rows.slope[r], rows.offset[r] - m);
+  if constexpr (kExp) block_sum[r] = _mm512_reduce_add_ps(vsum);
 }
 
 // score_pass (below) through the tables: the same outputs (block_max = x(min n) over the
@@ -400,35 +430,24 @@ template <PvMode kMode, bool kExp>
 void score_pass_tables(const TileRows& rows, const HeadInputs& head, int words, int64_t j0, int keys,
                        const float* m_use, ScoreTables& tables, ProbBlock& prob, float* block_max, float* block_sum,
                        unsigned row_mask) {
-  const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int r = 0; r < kTileRows; ++r) {
     if (!((row_mask >> r) & 1u)) continue;
     const float m = m_use ? m_use[r] : 0.0f;
     if constexpr (kExp) tables.ensure(rows, r, m);
-    const uint32_t* q = rows.q[r];
-    __m512i vmin = _mm512_set1_epi32(-1);  // unsigned maximum
-    __m512 vsum = _mm512_setzero_ps();
-    for (int v = 0; v < keys; v += 16) {
-      const int64_t j = j0 + v;
-      const uint32_t* k_group = head.keys.bits_t + (j / 16) * words * 16;
-      __m512i count = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group), _mm512_set1_epi32(int(q[0]))));
-      for (int w = 1; w < words; ++w)
-        count = _mm512_add_epi32(count, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_load_si512(k_group + 16 * w),
-                                                                             _mm512_set1_epi32(int(q[w])))));
-      __mmask16 valid = 0xffff;
-      if (j + 16 > rows.unmasked_end)  // causal diagonal or the end of the keys
-        valid = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane_index, _mm512_set1_epi32(int(j))),
-                                        _mm512_set1_epi32(rows.key_limit[r]));
-      vmin = _mm512_mask_min_epu32(vmin, valid, vmin, count);
-      if constexpr (kExp) {
-        const __m512 p = _mm512_maskz_mov_ps(valid, table_exp(tables, r, count));
-        store_prob<kMode>(prob, r, v, p);
-        vsum = _mm512_add_ps(vsum, p);
-      }
+    auto row = [&](auto word_count) {
+      score_row_tables<kMode, kExp, decltype(word_count)::value>(rows, r, head.keys.bits_t, j0, keys, m, tables, prob,
+                                                                 block_max, block_sum);
+    };
+    switch (words) {  // d <= 255 (tables_apply): 1..8 words
+      case 1: row(std::integral_constant<int, 1>{}); break;
+      case 2: row(std::integral_constant<int, 2>{}); break;
+      case 3: row(std::integral_constant<int, 3>{}); break;
+      case 4: row(std::integral_constant<int, 4>{}); break;
+      case 5: row(std::integral_constant<int, 5>{}); break;
+      case 6: row(std::integral_constant<int, 6>{}); break;
+      case 7: row(std::integral_constant<int, 7>{}); break;
+      default: row(std::integral_constant<int, 8>{}); break;
     }
-    const uint32_t n_min = _mm512_reduce_min_epu32(vmin);
-    block_max[r] = n_min == 0xffffffffu ? kNegInf : std::fma(float(n_min), rows.slope[r], rows.offset[r] - m);
-    if constexpr (kExp) block_sum[r] = _mm512_reduce_add_ps(vsum);
   }
 }
 
