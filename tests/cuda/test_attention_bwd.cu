@@ -22,6 +22,7 @@
 //    gradients): one rounding of 2^-11 (fp16) or 2^-8 (bf16) relative per term, on top of rtol_f.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <limits>
 #include <random>
@@ -275,9 +276,7 @@ TEST(AttentionBwd, LongerSequences) {
 // causal chunks skipped per warp with Nq > Nk and Nq < Nk, tiles straddling Nq and Nk, hdim128's
 // 8-warp shape. (Run the whole suite once with BINFORMER_BWD_MAIN_V1=1 to test v1's main pass on
 // the same cases.)
-TEST(AttentionBwd, MainPassV2Shapes) {
-  BF_REQUIRE_GPU();
-  std::mt19937_64 rng(17);
+void run_main_pass_v2_shapes(std::mt19937_64& rng) {
   for (DType t : {DType::kFloat16, DType::kBFloat16}) {
     BwdCase c;
     c.v_dtype = t;
@@ -296,8 +295,35 @@ TEST(AttentionBwd, MainPassV2Shapes) {
     run_case(c, rng);
     c.Nq = 257; c.Nk = 385; c.d = 72; c.dv = 72; c.causal = false;  // DiT-like d = 72
     run_case(c, rng);
-    if (HasFailure()) return;
+    if (::testing::Test::HasFailure()) return;
   }
+}
+
+TEST(AttentionBwd, MainPassV2Shapes) {
+  BF_REQUIRE_GPU();
+  std::mt19937_64 rng(17);
+  run_main_pass_v2_shapes(rng);
+}
+
+// The same shapes with the pipelined v2 main pass (BINFORMER_BWD_MAIN_PIPE=1, read on every
+// launch), plus the determinism-only case of LongerSequences (many CTAs per SM, 3-stage ring of
+// query tiles wrapping many times).
+TEST(AttentionBwd, MainPassV2Pipelined) {
+  BF_REQUIRE_GPU();
+  struct PipeEnv {
+    PipeEnv() { setenv("BINFORMER_BWD_MAIN_PIPE", "1", 1); }
+    ~PipeEnv() { unsetenv("BINFORMER_BWD_MAIN_PIPE"); }
+  } env;
+  std::mt19937_64 rng(17);
+  run_main_pass_v2_shapes(rng);
+  if (HasFailure()) return;
+  BwdCase big;
+  big.B = 2; big.H = 4; big.Nq = big.Nk = 2048; big.d = 64; big.dv = 64;
+  big.q_scale = ScaleMode::kPerToken; big.k_scale = ScaleMode::kPerToken;
+  big.check_reference = false;
+  run_case(big, rng);
+  big.causal = true; big.v_dtype = DType::kBFloat16; big.Nq = big.Nk = 1500; big.d = big.dv = 128;
+  run_case(big, rng);
 }
 
 TEST(AttentionBwd, RejectsBadArguments) {
@@ -311,7 +337,8 @@ TEST(AttentionBwd, RejectsBadArguments) {
 }
 
 // Timing of the backward at the SPEC's reference shape. BINFORMER_BWD_MAIN_V1=1 times v1's main
-// pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64). Not a pass/fail test: run with
+// pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64);
+// BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3). Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {

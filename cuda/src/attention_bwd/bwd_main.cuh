@@ -31,7 +31,7 @@
 
 namespace binformer::cuda::bwd::tc {
 
-template <class T, int kHdim>
+template <class T, int kHdim, bool kPipe = false>
 struct MainTraits {
   static_assert(kHdim == 64 || kHdim == 128, "v2 main pass: head-dim buckets 64 and 128");
   static constexpr int kMTiles = kHdim <= 64 ? 2 : 1;  // 16-key m-tiles per warp (dV: registers)
@@ -49,16 +49,24 @@ struct MainTraits {
   static constexpr int kDvSteps = kHdim / 16;
   static constexpr int kBitWords = 4;             // words per query row in smem (d <= 128)
   static constexpr bool kHighWords = kHdim > 64;  // extended bits can reach words 4..7
+  // Query-tile buffers: 2 (load the next tile while computing this one); the pipelined kernel
+  // (kPipe) finishes a tile's last chunk during the next tile, so it keeps 3.
+  static constexpr int kStages = kPipe ? 3 : 2;
 
   static constexpr size_t kVBytes = size_t(kRows) * kStride * sizeof(T);
   static constexpr size_t kDoBytes = size_t(kCols) * kStride * sizeof(T);
   static constexpr size_t kBitsBytes = size_t(kCols) * kBitWords * 4;
   static constexpr size_t kRecBytes = size_t(kCols) * 16;
+  static constexpr size_t kColSumBytes = size_t(kWarps) * kCols * 4;
   static constexpr size_t kOffDo = kVBytes;
-  static constexpr size_t kOffBits = kOffDo + 2 * kDoBytes;
-  static constexpr size_t kOffRec = kOffBits + 2 * kBitsBytes;
-  static constexpr size_t kOffColSum = kOffRec + 2 * kRecBytes;
-  static constexpr size_t kSmemBytes = kOffColSum + 2 * size_t(kWarps) * kCols * 4;
+  static constexpr size_t kOffBits = kOffDo + kStages * kDoBytes;
+  static constexpr size_t kOffRec = kOffBits + kStages * kBitsBytes;
+  static constexpr size_t kOffColSum = kOffRec + kStages * kRecBytes;
+  // kPipe: 16 zero rows of dO and 16 scratch column sums, the "pending chunk" before the first.
+  static constexpr size_t kOffZero = kOffColSum + kStages * kColSumBytes;
+  static constexpr size_t kZeroBytes = kPipe ? size_t(16) * kStride * sizeof(T) : 0;
+  static constexpr size_t kOffScratch = kOffZero + kZeroBytes;
+  static constexpr size_t kSmemBytes = kOffScratch + (kPipe ? 16 * 4 : 0);
 };
 
 // Word w (0..7) of the extended bit string [bits, ~bits, 0...] of a d-bit row: which stored word
@@ -81,10 +89,10 @@ __device__ __forceinline__ ExtWord ext_word(int w, int d, int words) {
   return e;
 }
 
-template <class T, int kHdim, int kMinBlocks>
-__global__ void __launch_bounds__(MainTraits<T, kHdim>::kThreads, kMinBlocks)
+template <class T, int kHdim, int kMinBlocks, bool kPipe = false>
+__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe>::kThreads, kMinBlocks)
 attention_bwd_main_kernel(const BwdArgs a) {
-  using Tr = MainTraits<T, kHdim>;
+  using Tr = MainTraits<T, kHdim, kPipe>;
   constexpr int kM = Tr::kMTiles;
   BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem);
   T* v_smem = reinterpret_cast<T*>(smem);
@@ -118,6 +126,10 @@ attention_bwd_main_kernel(const BwdArgs a) {
     const int r = e / kVec, ch = (e - r * kVec) * 8;
     const bool ok = row0 + r < a.Nk && ch < dv;
     cp_async_16(v_smem + r * Tr::kStride + ch, ok ? v_gmem + (row0 + r) * a.v_stride[2] + ch : v_gmem, ok);
+  }
+  if constexpr (kPipe) {  // the zero dO rows of the pipeline's initial (empty) pending chunk
+    uint32_t* z = reinterpret_cast<uint32_t*>(smem + Tr::kOffZero);
+    for (int e = tid; e < int(Tr::kZeroBytes / 4); e += Tr::kThreads) z[e] = 0u;
   }
   // One query tile: dO rows, query bits, query records. Compile-time trip counts (every thread
   // issues the same number of copies) and per-thread offsets computed once, so a tile's copies
@@ -225,14 +237,71 @@ attention_bwd_main_kernel(const BwdArgs a) {
   // Per-lane smem offsets of the dO fragments of a chunk: non-transposed (dP) and transposed (dV).
   const int do_off = ((lane >> 4) * 8 + (lane & 7)) * Tr::kStride + ((lane >> 3) & 1) * 8;
   const int do_off_t = (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kStride + (lane >> 4) * 8;
+  // Column-sum slot of this lane inside a chunk's 16 columns (after the reduce-scatter below);
+  // only even g store (the odd ones hold duplicates).
+  const int cs_lane = (g >> 2) * 8 + 2 * t + ((g >> 1) & 1);
+  const bool cs_store = (g & 1) == 0;
 
+  // The back half of a chunk: column sums over the warp's keys (reduce-scatter over g = lane
+  // bits 4, 3, 2; afterwards lane (g, t) holds query column cs_lane) into the chunk's slot
+  // `cs`, and dV += P^T dO with P (rounded to T, as FlashAttention does) straight from the
+  // accumulator layout as the A operand, k = the chunk's 16 queries `ys` (dO rows in smem).
+  auto chunk_back = [&](const uint32_t (&pa)[kM][4], const float (&col_part)[2][2], const T* ys, float* cs) {
+    {
+      const bool up16 = (lane & 16) != 0, up8 = (lane & 8) != 0;
+      float keep0 = up16 ? col_part[1][0] : col_part[0][0];
+      float keep1 = up16 ? col_part[1][1] : col_part[0][1];
+      const float send0 = up16 ? col_part[0][0] : col_part[1][0];
+      const float send1 = up16 ? col_part[0][1] : col_part[1][1];
+      keep0 += __shfl_xor_sync(0xffffffffu, send0, 16);
+      keep1 += __shfl_xor_sync(0xffffffffu, send1, 16);
+      float keep = up8 ? keep1 : keep0;
+      const float send = up8 ? keep0 : keep1;
+      keep += __shfl_xor_sync(0xffffffffu, send, 8);
+      keep += __shfl_xor_sync(0xffffffffu, keep, 4);
+      if (cs_store) cs[cs_lane] = keep;
+    }
+#pragma unroll
+    for (int dp = 0; dp < Tr::kDvTiles / 2; ++dp) {
+      uint32_t yb[4];
+      ldmatrix_x4_trans(yb, ys + do_off_t + dp * 16);
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        mma_16816<T>(acc[mt][2 * dp], pa[mt], yb[0], yb[1]);
+        mma_16816<T>(acc[mt][2 * dp + 1], pa[mt], yb[2], yb[3]);
+      }
+    }
+  };
+
+  // kPipe: the back half of chunk c runs in the iteration of the next processed chunk, in the
+  // same basic block as that chunk's front half (b1 mma, exps, dP), so the scheduler overlaps
+  // the two dependency chains: chunk c's shuffles and dV mmas fill the latency of chunk c + 1's
+  // b1 mma -> exp -> dP chain. Before the first chunk the pending one is empty (P = 0 against
+  // zero dO rows, column sums to a scratch slot): exact no-ops, so no branch is needed.
+  uint32_t pend_pa[kM][4];
+  float pend_col[2][2];
+  const T* pend_ys = reinterpret_cast<const T*>(smem + Tr::kOffZero);
+  float* pend_cs = reinterpret_cast<float*>(smem + Tr::kOffScratch);
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) pend_pa[mt][0] = pend_pa[mt][1] = pend_pa[mt][2] = pend_pa[mt][3] = 0u;
+  pend_col[0][0] = pend_col[0][1] = pend_col[1][0] = pend_col[1][1] = 0.f;
+
+  int stage = 0;  // (tile - tile_begin) % kStages
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    const int buf = int((tile - tile_begin) & 1);
+    const int buf = stage;
+    const int next = buf + 1 == Tr::kStages ? 0 : buf + 1;
+    stage = next;
     cp_async_wait_all();
     __syncthreads();
-    if (tile + 1 < tile_end) load_tile(tile + 1, buf ^ 1);
-    // The previous tile's column sums are complete (barrier above).
-    if (tile > tile_begin) flush_column_sums(tile - 1, buf ^ 1);
+    if (tile + 1 < tile_end) load_tile(tile + 1, next);
+    // Column sums complete at this barrier: the previous tile's (kPipe: the one before, since
+    // the previous tile's last chunk finishes during this tile's first). Its buffer is `next`
+    // with 3 stages (tile - 2) and with 2 (tile - 1).
+    if constexpr (kPipe) {
+      if (tile >= tile_begin + 2) flush_column_sums(tile - 2, next);
+    } else {
+      if (tile > tile_begin) flush_column_sums(tile - 1, next);
+    }
     const int64_t c0 = tile * Tr::kCols;
     const T* ys = do_smem + buf * (Tr::kCols * Tr::kStride);
     const uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords);
@@ -246,7 +315,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
       // Warp-uniform: the chunk's 16 queries against the warp's 16 kM keys.
       const int k_lo = int(warp_row0), k_hi = k_lo + 16 * kM;
       if (a.causal && k_lo > q0 + 15) {  // every key after every query: P = 0, nothing to add
-        if ((g & 1) == 0) colsum[kc * 16 + (g >> 2) * 8 + 2 * t + ((g >> 1) & 1)] = 0.f;
+        if (cs_store) colsum[kc * 16 + cs_lane] = 0.f;
         continue;
       }
       const bool interior = q0 + 16 <= nq && k_hi <= nk && !(a.causal && k_hi - 1 > q0);
@@ -283,6 +352,8 @@ attention_bwd_main_kernel(const BwdArgs a) {
             for (int e = 0; e < 4; ++e) s_x[mt][nt][e] = __int_as_float(pc[e]) - dot_offset;
           }
         }
+        // The pending chunk's back half (kPipe), independent of everything above and below.
+        if constexpr (kPipe) chunk_back(pend_pa, pend_col, pend_ys, pend_cs);
         // P = 2^(dot/2 f_i b_j - lse_i log2e), zero where masked.
         float s_p[kM][2][4];
 #pragma unroll
@@ -337,24 +408,6 @@ attention_bwd_main_kernel(const BwdArgs a) {
             }
           }
         }
-        // Column sums over the warp's keys: reduce-scatter over g (lane bits 4, 3, 2). After it,
-        // lane (g, t) holds query column (g >> 2) * 8 + 2 t + ((g >> 1) & 1) of the chunk.
-        {
-          const bool up16 = (lane & 16) != 0, up8 = (lane & 8) != 0;
-          float keep0 = up16 ? col_part[1][0] : col_part[0][0];
-          float keep1 = up16 ? col_part[1][1] : col_part[0][1];
-          const float send0 = up16 ? col_part[0][0] : col_part[1][0];
-          const float send1 = up16 ? col_part[0][1] : col_part[1][1];
-          keep0 += __shfl_xor_sync(0xffffffffu, send0, 16);
-          keep1 += __shfl_xor_sync(0xffffffffu, send1, 16);
-          float keep = up8 ? keep1 : keep0;
-          const float send = up8 ? keep0 : keep1;
-          keep += __shfl_xor_sync(0xffffffffu, send, 8);
-          keep += __shfl_xor_sync(0xffffffffu, keep, 4);
-          if ((g & 1) == 0) colsum[kc * 16 + (g >> 2) * 8 + 2 * t + ((g >> 1) & 1)] = keep;
-        }
-        // dV += P^T dO: P (rounded to T, as FlashAttention does) is the A operand straight from
-        // the accumulator layout, k = the chunk's 16 queries.
         uint32_t pa[kM][4];
 #pragma unroll
         for (int mt = 0; mt < kM; ++mt) {
@@ -363,26 +416,39 @@ attention_bwd_main_kernel(const BwdArgs a) {
           pa[mt][2] = pack2<T>(s_p[mt][1][0], s_p[mt][1][1]);
           pa[mt][3] = pack2<T>(s_p[mt][1][2], s_p[mt][1][3]);
         }
-#pragma unroll
-        for (int dp = 0; dp < Tr::kDvTiles / 2; ++dp) {
-          uint32_t yb[4];
-          ldmatrix_x4_trans(yb, ys + kc * 16 * Tr::kStride + do_off_t + dp * 16);
+        if constexpr (kPipe) {  // this chunk becomes the pending one
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
-            mma_16816<T>(acc[mt][2 * dp], pa[mt], yb[0], yb[1]);
-            mma_16816<T>(acc[mt][2 * dp + 1], pa[mt], yb[2], yb[3]);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) pend_pa[mt][k] = pa[mt][k];
           }
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            pend_col[nt][0] = col_part[nt][0];
+            pend_col[nt][1] = col_part[nt][1];
+          }
+          pend_ys = ys + kc * 16 * Tr::kStride;
+          pend_cs = colsum + kc * 16;
+        } else {
+          chunk_back(pa, col_part, ys + kc * 16 * Tr::kStride, colsum + kc * 16);
         }
       };
       if (interior) chunk(std::false_type{});
       else chunk(std::true_type{});
     }
   }
+  // kPipe: the last pending chunk (or the empty one when no chunk ran).
+  if constexpr (kPipe) chunk_back(pend_pa, pend_col, pend_ys, pend_cs);
 
   // ---- epilogue
   if (tile_begin < tile_end) {
     __syncthreads();
-    if (a.dq_scale) flush_column_sums(tile_end - 1, int((tile_end - 1 - tile_begin) & 1));
+    if (a.dq_scale) {
+      if constexpr (kPipe) {
+        if (tile_end - 2 >= tile_begin) flush_column_sums(tile_end - 2, int((tile_end - 2 - tile_begin) % Tr::kStages));
+      }
+      flush_column_sums(tile_end - 1, int((tile_end - 1 - tile_begin) % Tr::kStages));
+    }
   }
   if (a.dv) {
 #pragma unroll
@@ -415,6 +481,17 @@ attention_bwd_main_kernel(const BwdArgs a) {
     }
   }
 }
+}  // namespace binformer::cuda::bwd::tc
+
+namespace binformer::cuda::bwd::tc {
+
+// BINFORMER_BWD_MAIN_PIPE=1: the pipelined main pass (kPipe: a chunk's column sums and dV mmas
+// overlap the next chunk's b1 mma / exps / dP). Read on every launch (a getenv), so a test can
+// switch it; pending device verification, then it becomes the default.
+inline bool main_pipe_knob() {
+  const char* e = std::getenv("BINFORMER_BWD_MAIN_PIPE");
+  return e != nullptr && e[0] == '1';
+}
 
 }  // namespace binformer::cuda::bwd::tc
 
@@ -430,20 +507,26 @@ inline int main_min_blocks_knob() {
   return v;
 }
 
-template <class T, int kHdim>
-cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
-  using Tr = MainTraits<T, kHdim>;
+template <class T, int kHdim, bool kPipe>
+cudaError_t launch_main_v2_variant(const BwdArgs& a, cudaStream_t stream) {
+  using Tr = MainTraits<T, kHdim, kPipe>;
   const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks>;
+  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe>;
   if constexpr (kHdim <= 64) {
-    if (main_min_blocks_knob() == 3) kernel = attention_bwd_main_kernel<T, kHdim, 3>;
+    if (main_min_blocks_knob() == 3) kernel = attention_bwd_main_kernel<T, kHdim, 3, kPipe>;
   }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmemBytes));
   if (err != cudaSuccess) return err;
   kernel<<<unsigned(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <class T, int kHdim>
+cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
+  return main_pipe_knob() ? launch_main_v2_variant<T, kHdim, true>(a, stream)
+                          : launch_main_v2_variant<T, kHdim, false>(a, stream);
 }
 
 }  // namespace binformer::cuda::bwd::tc
