@@ -182,7 +182,8 @@ inline std::vector<uint32_t> pack_row(const std::vector<double>& x) {
 
 // ------------------------------------------------------------------ ISA switching
 // Sets BINFORMER_CPU_ISA / BINFORMER_CPU_DISABLE for the lifetime of the object.
-// "scalar", "avx512", "avx512-base" (AVX-512 without the VNNI and BF16 routes).
+// "scalar", "avx512", "avx512-base" (AVX-512 without the VNNI and BF16 routes, and without the
+// forward's score tables: every no-bias case then also runs the polynomial exp route).
 class IsaScope {
  public:
   explicit IsaScope(const std::string& name) {
@@ -193,7 +194,7 @@ class IsaScope {
       unsetenv("BINFORMER_CPU_DISABLE");
     } else {
       unsetenv("BINFORMER_CPU_ISA");
-      if (name == "avx512-base") setenv("BINFORMER_CPU_DISABLE", "vnni,bf16", 1);
+      if (name == "avx512-base") setenv("BINFORMER_CPU_DISABLE", "vnni,bf16,tables", 1);
       else unsetenv("BINFORMER_CPU_DISABLE");
     }
   }
