@@ -41,7 +41,24 @@ def try_time(fn):
         return f"unsupported: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def bench_attention(names, use_flex: bool):
+def with_env(assignment: str, fn):
+    """fn run with one environment variable set (binformer reads its runtime switches per call)."""
+    key, value = assignment.split("=", 1)
+
+    def run():
+        old = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = old
+    return run
+
+
+def bench_attention(names, use_flex: bool, ab_env: str | None = None):
     rows = []
     sage = None
     try:
@@ -79,6 +96,9 @@ def bench_attention(names, use_flex: bool):
             "flex": (lambda: flex(q, k, v)) if flex is not None else None,
             "sage": (lambda: sage(q, k, v, tensor_layout="HND", is_causal=False)) if sage is not None else None,
         }
+        if ab_env:  # A/B of a runtime switch in the same process: "<name>@env" rows
+            for m in ("binformer", "binformer_relpos"):
+                t[m + "@env"] = with_env(ab_env, t[m])
         for m, fn in t.items():
             if fn is None:
                 continue
@@ -138,10 +158,11 @@ def main():
     ap.add_argument("--out", default="bench/results/gpu_forward.json")
     ap.add_argument("--shapes", default=",".join(GPU_SHAPES))
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--ab-env", default=None, help="NAME=VALUE: also time binformer with this env switch set")
     ap.add_argument("--skip-pack-gemm", action="store_true")
     args = ap.parse_args()
     payload = dict(benchmark="gpu_forward_fp16", env=environment())
-    payload["rows"] = bench_attention(args.shapes.split(","), not args.no_flex)
+    payload["rows"] = bench_attention(args.shapes.split(","), not args.no_flex, args.ab_env)
     if not args.skip_pack_gemm:
         payload["pack_and_gemm"] = bench_pack_and_gemm()
     write_json(args.out, payload)
