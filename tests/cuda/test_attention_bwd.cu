@@ -27,6 +27,7 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <string>
 
 #include "attention_bwd_reference.h"
 #include "binformer/cuda_kernels.h"
@@ -305,18 +306,26 @@ TEST(AttentionBwd, MainPassV2Shapes) {
   run_main_pass_v2_shapes(rng);
 }
 
-// The same shapes with the pipelined v2 main pass (BINFORMER_BWD_MAIN_PIPE=1, read on every
-// launch), plus the determinism-only case of LongerSequences (many CTAs per SM, 3-stage ring of
-// query tiles wrapping many times).
-TEST(AttentionBwd, MainPassV2Pipelined) {
-  BF_REQUIRE_GPU();
-  struct PipeEnv {
-    PipeEnv() { setenv("BINFORMER_BWD_MAIN_PIPE", "1", 1); }
-    ~PipeEnv() { unsetenv("BINFORMER_BWD_MAIN_PIPE"); }
-  } env;
+// The same shapes with the v2 main-pass variants that runtime switches select (read on every
+// launch): BINFORMER_BWD_MAIN_PIPE=1 (pipelined chunks, 3-stage ring of query tiles),
+// BINFORMER_BWD_MAIN_NARROW=1 (hdim 64: 1 m-tile per warp, 8 warps per CTA) and both, plus
+// determinism-only cases where many CTAs run per SM and the tile ring wraps many times.
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, bool on) : name(n) {
+    if (on) setenv(name, "1", 1);
+    else unsetenv(name);
+  }
+  ~ScopedEnv() { unsetenv(name); }
+};
+
+void run_main_pass_v2_variant(bool pipe, bool narrow) {
+  const ScopedEnv env_pipe("BINFORMER_BWD_MAIN_PIPE", pipe), env_narrow("BINFORMER_BWD_MAIN_NARROW", narrow);
+  SCOPED_TRACE(std::string("BINFORMER_BWD_MAIN_PIPE=") + (pipe ? "1" : "0") +
+               " BINFORMER_BWD_MAIN_NARROW=" + (narrow ? "1" : "0"));
   std::mt19937_64 rng(17);
   run_main_pass_v2_shapes(rng);
-  if (HasFailure()) return;
+  if (::testing::Test::HasFailure()) return;
   BwdCase big;
   big.B = 2; big.H = 4; big.Nq = big.Nk = 2048; big.d = 64; big.dv = 64;
   big.q_scale = ScaleMode::kPerToken; big.k_scale = ScaleMode::kPerToken;
@@ -324,6 +333,18 @@ TEST(AttentionBwd, MainPassV2Pipelined) {
   run_case(big, rng);
   big.causal = true; big.v_dtype = DType::kBFloat16; big.Nq = big.Nk = 1500; big.d = big.dv = 128;
   run_case(big, rng);
+}
+
+TEST(AttentionBwd, MainPassV2Pipelined) {
+  BF_REQUIRE_GPU();
+  run_main_pass_v2_variant(true, false);
+}
+
+TEST(AttentionBwd, MainPassV2Narrow) {
+  BF_REQUIRE_GPU();
+  run_main_pass_v2_variant(false, true);
+  if (HasFailure()) return;
+  run_main_pass_v2_variant(true, true);
 }
 
 TEST(AttentionBwd, RejectsBadArguments) {
@@ -338,7 +359,8 @@ TEST(AttentionBwd, RejectsBadArguments) {
 
 // Timing of the backward at the SPEC's reference shape. BINFORMER_BWD_MAIN_V1=1 times v1's main
 // pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64);
-// BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3). Not a pass/fail test: run with
+// BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3 or with
+// BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape). Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {

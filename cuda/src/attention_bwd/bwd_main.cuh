@@ -31,10 +31,14 @@
 
 namespace binformer::cuda::bwd::tc {
 
-template <class T, int kHdim, bool kPipe = false>
+template <class T, int kHdim, bool kPipe = false, bool kNarrow = false>
 struct MainTraits {
   static_assert(kHdim == 64 || kHdim == 128, "v2 main pass: head-dim buckets 64 and 128");
-  static constexpr int kMTiles = kHdim <= 64 ? 2 : 1;  // 16-key m-tiles per warp (dV: registers)
+  // 16-key m-tiles per warp (dV: registers): 2 at hdim 64 (4 warps per CTA), 1 otherwise. kNarrow
+  // (BINFORMER_BWD_MAIN_NARROW=1, hdim 64): 1 m-tile, 8 warps per CTA, <= 128 registers, so
+  // 2 CTAs = 16 warps per SM (twice the warps to hide latency, twice the shared-memory reads of
+  // dO per score element).
+  static constexpr int kMTiles = kHdim <= 64 && !kNarrow ? 2 : 1;
   static constexpr int kRows = kKeyBlockTc;             // keys per CTA (fixes the partial layout)
   static constexpr int kWarps = kRows / (16 * kMTiles);
   static constexpr int kThreads = 32 * kWarps;
@@ -42,6 +46,7 @@ struct MainTraits {
   // registers); the hdim-64 kernel also exists with 3 (168 registers, ~40 spilled words per
   // chunk, 12 warps per SM), picked with BINFORMER_BWD_MAIN_MIN_BLOCKS=3 for device A/B.
   static constexpr int kMinBlocks = kHdim <= 64 ? 2 : 1;
+  static_assert(!kNarrow || kHdim <= 64, "the narrow shape is the hdim-64 one");
   static constexpr int kCols = kFastMainCols;  // queries per tile (one cp.async stage)
   static constexpr int kChunks = kCols / 16;
   static constexpr int kStride = kHdim + 8;  // smem row stride of V / dO in T (16-byte skew)
@@ -89,10 +94,10 @@ __device__ __forceinline__ ExtWord ext_word(int w, int d, int words) {
   return e;
 }
 
-template <class T, int kHdim, int kMinBlocks, bool kPipe = false>
-__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe>::kThreads, kMinBlocks)
+template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false>
+__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow>::kThreads, kMinBlocks)
 attention_bwd_main_kernel(const BwdArgs a) {
-  using Tr = MainTraits<T, kHdim, kPipe>;
+  using Tr = MainTraits<T, kHdim, kPipe, kNarrow>;
   constexpr int kM = Tr::kMTiles;
   BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem);
   T* v_smem = reinterpret_cast<T*>(smem);
@@ -487,9 +492,16 @@ namespace binformer::cuda::bwd::tc {
 
 // BINFORMER_BWD_MAIN_PIPE=1: the pipelined main pass (kPipe: a chunk's column sums and dV mmas
 // overlap the next chunk's b1 mma / exps / dP). Read on every launch (a getenv), so a test can
-// switch it; pending device verification, then it becomes the default.
+// switch it; pending device verification, then it becomes the default. Combines with
+// BINFORMER_BWD_MAIN_NARROW=1 or BINFORMER_BWD_MAIN_MIN_BLOCKS=3 (NARROW wins over MIN_BLOCKS).
 inline bool main_pipe_knob() {
   const char* e = std::getenv("BINFORMER_BWD_MAIN_PIPE");
+  return e != nullptr && e[0] == '1';
+}
+// BINFORMER_BWD_MAIN_NARROW=1: the hdim-64 kernel with 1 m-tile per warp and 8 warps per CTA
+// (MainTraits::kNarrow; 16 warps per SM). Read on every launch; pending device A/B.
+inline bool main_narrow_knob() {
+  const char* e = std::getenv("BINFORMER_BWD_MAIN_NARROW");
   return e != nullptr && e[0] == '1';
 }
 
@@ -507,14 +519,14 @@ inline int main_min_blocks_knob() {
   return v;
 }
 
-template <class T, int kHdim, bool kPipe>
+template <class T, int kHdim, bool kPipe, bool kNarrow>
 cudaError_t launch_main_v2_variant(const BwdArgs& a, cudaStream_t stream) {
-  using Tr = MainTraits<T, kHdim, kPipe>;
+  using Tr = MainTraits<T, kHdim, kPipe, kNarrow>;
   const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe>;
-  if constexpr (kHdim <= 64) {
+  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow>;
+  if constexpr (kHdim <= 64 && !kNarrow) {
     if (main_min_blocks_knob() == 3) kernel = attention_bwd_main_kernel<T, kHdim, 3, kPipe>;
   }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmemBytes));
@@ -523,10 +535,18 @@ cudaError_t launch_main_v2_variant(const BwdArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <class T, int kHdim, bool kPipe>
+cudaError_t launch_main_v2_pipe(const BwdArgs& a, cudaStream_t stream) {
+  if constexpr (kHdim <= 64) {
+    if (main_narrow_knob()) return launch_main_v2_variant<T, kHdim, kPipe, true>(a, stream);
+  }
+  return launch_main_v2_variant<T, kHdim, kPipe, false>(a, stream);
+}
+
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
-  return main_pipe_knob() ? launch_main_v2_variant<T, kHdim, true>(a, stream)
-                          : launch_main_v2_variant<T, kHdim, false>(a, stream);
+  return main_pipe_knob() ? launch_main_v2_pipe<T, kHdim, true>(a, stream)
+                          : launch_main_v2_pipe<T, kHdim, false>(a, stream);
 }
 
 }  // namespace binformer::cuda::bwd::tc

@@ -39,24 +39,32 @@ void tc_pass(const BwdArgs& a) {
                         unsigned(Tr::kThreads), smem, a);
 }
 
-// Which v2 main-pass variant runs (the device reads BINFORMER_BWD_MAIN_PIPE; here every v2 case
-// runs with both).
-bool g_main_pipe = false;
+// Which v2 main-pass variant runs (the device reads BINFORMER_BWD_MAIN_PIPE / _NARROW; here every
+// v2 case runs with each).
+bool g_main_pipe = false, g_main_narrow = false;
 
-template <class T, int kHdim, bool kPipe>
+template <class T, int kHdim, bool kPipe, bool kNarrow>
 void main_v2_variant(const BwdArgs& a) {
-  using Tr = tc::MainTraits<T, kHdim, kPipe>;
+  using Tr = tc::MainTraits<T, kHdim, kPipe, kNarrow>;
   const unsigned blocks = unsigned((a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H);
   if (blocks == 0) return;
-  bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe>, blocks,
+  bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow>, blocks,
                         unsigned(Tr::kThreads), Tr::kSmemBytes, a);
+}
+
+template <class T, int kHdim, bool kPipe>
+void main_v2_pipe(const BwdArgs& a) {
+  if constexpr (kHdim <= 64) {
+    if (g_main_narrow) return main_v2_variant<T, kHdim, kPipe, true>(a);
+  }
+  main_v2_variant<T, kHdim, kPipe, false>(a);
 }
 
 template <class T, int kHdim>
 void main_v2_pass(const BwdArgs& a) {
   if constexpr (kHdim <= 128) {
-    if (g_main_pipe) main_v2_variant<T, kHdim, true>(a);
-    else main_v2_variant<T, kHdim, false>(a);
+    if (g_main_pipe) main_v2_pipe<T, kHdim, true>(a);
+    else main_v2_pipe<T, kHdim, false>(a);
   } else {
     std::abort();  // make_bwd_args never picks v2 above hdim 128
   }
@@ -122,6 +130,11 @@ bool emulate_attention_bwd(const AttentionBwdParams& p) {
   return true;
 }
 
+const char* main_v2_label() {
+  if (g_main_narrow) return g_main_pipe ? "tensor cores, main v2 narrow pipelined" : "tensor cores, main v2 narrow";
+  return g_main_pipe ? "tensor cores, main v2 pipelined" : "tensor cores, main v2";
+}
+
 bool run_case(const BwdCase& c, std::mt19937_64& rng, bool* was_v2) {
   const Problem p = binformer::test::build_problem(c, rng);
   const bool has_rel = c.rel_wh > 0;
@@ -164,7 +177,7 @@ bool run_case(const BwdCase& c, std::mt19937_64& rng, bool* was_v2) {
   }
   for (auto& f : binformer::test::check_against_reference(p, o)) fails.push_back(f);
   std::printf("%s  [%s] %s\n", fails.empty() ? "PASS" : "FAIL",
-              tensor_cores ? (main_v2 ? (g_main_pipe ? "tensor cores, main v2 pipelined" : "tensor cores, main v2") : "tensor cores")
+              tensor_cores ? (main_v2 ? main_v2_label() : "tensor cores")
                            : "CUDA cores",
               binformer::test::describe(c).c_str());
   for (auto& f : fails) std::printf("      %s\n", f.c_str());
@@ -270,13 +283,17 @@ int main(int argc, char** argv) {
     std::printf("case %zu: ", k);
     bool v2 = false;
     ok = run_case(cases[k], rng, &v2) && ok;
-    if (v2) {  // again with the pipelined main pass, on the same problem (same random stream)
+    // The v2 cases again with the pipelined, narrow (hdim 64) and narrow pipelined main pass, on
+    // the same problem (same random stream).
+    const bool hdim64 = std::max(cases[k].d, cases[k].dv) <= 64;
+    for (int variant = 1; v2 && variant < (hdim64 ? 4 : 2); ++variant) {
       std::mt19937_64 again = before;
-      g_main_pipe = true;
+      g_main_pipe = (variant & 1) != 0;
+      g_main_narrow = (variant & 2) != 0;
       std::printf("case %zu: ", k);
       ok = run_case(cases[k], again, &v2) && ok;
-      g_main_pipe = false;
     }
+    g_main_pipe = g_main_narrow = false;
   }
   return ok ? 0 : 1;
 }
