@@ -853,11 +853,14 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
                            return info.param.name + "_" + std::to_string(info.index);
                          });
 
-// The sm_90a variant of the bounded kernels (wgmma P.V, cuda/src/attention_fwd/pv_wgmma.h), which
-// runs only with BINFORMER_FWD_SM90=1 (launch.h), on every case above that takes the bounded Dv = 64
-// path (fp16/bf16 V, no dense bias, no per-token k scale), plus longer key ranges. Skipped on
-// devices other than compute capability 9.0. With BINFORMER_FWD_SM90_LOG=1 the library prints one
-// line when the wgmma kernel is first launched.
+// The sm_90a variant of the bounded kernels (wgmma P.V, cuda/src/attention_fwd/pv_wgmma.h) is the
+// default on compute capability 9.0 devices (launch.h; BINFORMER_FWD_SM90=0 turns it off), so on
+// an H100 the AttentionFwd suite above runs it wherever it applies. Both paths stay tested on
+// every case that takes the bounded wgmma-capable path (fp16/bf16 V, no dense bias, no per-token
+// k scale, Dv = 64), plus longer key ranges: AttentionFwdSm90 forces BINFORMER_FWD_SM90=1 (skipped
+// on devices other than compute capability 9.0), AttentionFwdMmaSync forces BINFORMER_FWD_SM90=0
+// (the mma.sync bounded kernels, every device). With BINFORMER_FWD_SM90_LOG=1 the library prints
+// one line when the wgmma kernel is first launched.
 bool have_sm90_device() {
   int major = 0, minor = 0;
   if (!have_sm80_device()) return false;
@@ -938,6 +941,26 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            return info.param.name + "_" + std::to_string(info.index);
+                         });
+
+class AttentionFwdMmaSync : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionFwdMmaSync, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
+  ScopedEnv sm90("BINFORMER_FWD_SM90", "0");
+  const Case& c = GetParam();
+  SCOPED_TRACE(describe(c));
+  AttentionFwdCase t(c);
+  const RunOutput r = t.run();
+  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
+  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
+  t.check_prepass(r);
+  t.check(r);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdMmaSync, ::testing::ValuesIn(sm90_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return "mmasync_" + info.param.name.substr(5) + "_" + std::to_string(info.index);
                          });
 
 // Same inputs, same bits: no atomics or order-dependent reductions in the forward pass.
