@@ -143,7 +143,7 @@ void build_plan(BwdPlan& plan) {
   // and V are filled up to Nk rounded to 16, not to the block (Nk = 17: 32 of 64 keys).
   const int64_t nk_fill = round_up(Nk, 16);
 
-  parallel_for(BH, 1, [&](int64_t bh_begin, int64_t bh_end) {
+  parallel_for(BH, grain_for_work(BH, double(BH) * double(Nq + Nk) * double(dv + d)), [&](int64_t bh_begin, int64_t bh_end) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       BwdHead& head = plan.heads[size_t(bh)];
@@ -613,11 +613,13 @@ void run_passes(BwdPlan& plan) {
     return s;
   };
   const bool want_a = p.dv || p.dk_scale || p.dk_sign;
+  // Per score element a pass costs ~4x a forward score (dP and dV or the sign sums).
+  const double bwd_work = 4.0 * double(BH) * double(p.Nq) * double(p.Nk);
   const bool want_b = p.dq_scale || p.dq_sign || p.dbias || want_rel;
   const bool fuse_b = want_a && want_b && p.Nk <= kKeyBlock;  // one key block: see pass_a_task
   if (want_a) {
     const int64_t key_blocks = ceil_div(p.Nk, kKeyBlock);
-    parallel_for(BH * key_blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(BH * key_blocks, grain_for_work(BH * key_blocks, bwd_work), [&](int64_t begin, int64_t end) {
       auto s = std::make_unique<PassAScratch>();
       s->dv_acc = make_aligned<float>(size_t(kKeyBlock) * plan.dv_pad);
       s->sign_acc = make_aligned<float>(size_t(kKeyBlock) * plan.d_pad);
@@ -631,7 +633,7 @@ void run_passes(BwdPlan& plan) {
     });
   }
   if (want_b && !fuse_b) {
-    parallel_for(BH * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(BH * row_blocks, grain_for_work(BH * row_blocks, bwd_work), [&](int64_t begin, int64_t end) {
       auto s = make_b_scratch();
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / row_blocks, blk = balanced_block(t % row_blocks, row_blocks);

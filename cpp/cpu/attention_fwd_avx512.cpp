@@ -164,7 +164,8 @@ void build_plan(ForwardPlan& plan) {
   }
   plan.heads.resize(size_t(BH));
 
-  parallel_for(BH, 1, [&](int64_t bh_begin, int64_t bh_end) {
+  const double scores = double(BH) * double(p.Nq) * double(p.Nk);
+  parallel_for(BH, grain_for_work(BH, scores), [&](int64_t bh_begin, int64_t bh_end) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       HeadInputs& head = plan.heads[size_t(bh)];
@@ -722,7 +723,9 @@ void run_all(ForwardPlan& plan) {
   const AttentionFwdParams& p = plan.p;
   const int64_t row_blocks = ceil_div(p.Nq, kTaskRows);
   const TileFn tile_fn = select_tile<kMode>(p.bias || p.rel_pos_table, plan.k_factor_per_key);
-  parallel_for(p.B * p.H * row_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = p.B * p.H * row_blocks;
+  parallel_for(tasks, grain_for_work(tasks, double(p.B * p.H) * double(p.Nq) * double(p.Nk)),
+               [&](int64_t begin, int64_t end) {
     auto scratch = std::make_unique<TaskScratch>();
     scratch->acc = make_aligned<float>(size_t(kTileRows) * plan.dv_pad);
     if (plan.bias_in_row_buffer) scratch->row_bias = make_aligned<float>(size_t(kTileRows) * plan.nk_pad);

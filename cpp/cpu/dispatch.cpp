@@ -92,6 +92,10 @@ namespace detail {
 bool cpu_has_vnni() { return cpu_features().vnni && !disabled_by_env("vnni"); }
 bool cpu_has_avx512_bf16() { return cpu_features().bf16 && !disabled_by_env("bf16"); }
 bool cpu_score_tables_enabled() { return !disabled_by_env("tables"); }
+int64_t serial_work_below() {
+  const char* env = std::getenv("BINFORMER_CPU_SERIAL_BELOW");
+  return env ? std::atoll(env) : int64_t(1) << 18;
+}
 
 void AlignedFree::operator()(void* ptr) const noexcept { std::free(ptr); }
 

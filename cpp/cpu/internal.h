@@ -41,6 +41,13 @@ bool cpu_has_avx512_bf16();
 // BINFORMER_CPU_DISABLE turns them off (tests of the polynomial route, A/B timing).
 bool cpu_score_tables_enabled();
 
+// Calls with less work than this (score elements, or element copies; ~0.1-0.3 ms) run on the
+// calling thread: an OpenMP region costs ~10 us on an idle machine, but on a loaded one it waits
+// for a worker that is not scheduled (measured: 16 ms for a 0.4 ms forward at load 70).
+// BINFORMER_CPU_SERIAL_BELOW (read on every call) overrides the default 2^18; the chunking
+// tests set 0.
+int64_t serial_work_below();
+
 // ------------------------------------------------------------------ scratch memory
 // 64-byte aligned, uninitialised float/int scratch. Allocation lives in a portable TU.
 struct AlignedFree {
@@ -161,6 +168,12 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // ...) to give every contiguous range a balanced mix. A permutation of [0, n).
 inline int64_t balanced_block(int64_t position, int64_t n) {
   return position % 2 == 0 ? position / 2 : n - 1 - position / 2;
+}
+
+// parallel_for grain for a call of `work` units (score elements, or element copies): the whole
+// range as one chunk when the call is small, so that it runs on the calling thread.
+inline int64_t grain_for_work(int64_t tasks, double work) {
+  return work < double(serial_work_below()) ? std::max<int64_t>(tasks, 1) : 1;
 }
 
 constexpr float kLog2e = 1.4426950408889634f;

@@ -7,7 +7,8 @@ namespace binformer::cpu::detail {
 
 void quantize_v_int8_scalar(const QuantizeVParams& p) {
   const int dv = p.dv;
-  parallel_for(p.B * p.H, 1, [&](int64_t bh_begin, int64_t bh_end) {
+  parallel_for(p.B * p.H, grain_for_work(p.B * p.H, 2.0 * double(p.B * p.H) * double(p.N) * dv),
+               [&](int64_t bh_begin, int64_t bh_end) {
     std::vector<float> amax(static_cast<size_t>(dv));
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;

@@ -6,6 +6,7 @@
 namespace bt {
 
 void install_thread_parallel_for(int chunks) {
+  setenv("BINFORMER_CPU_SERIAL_BELOW", "0", 1);  // small test problems are split too
   binformer::cpu::set_parallel_for([chunks](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     // Uneven contiguous pieces (the first one larger), each at least `grain` long, on threads.
     std::vector<std::thread> threads;
@@ -23,6 +24,9 @@ void install_thread_parallel_for(int chunks) {
   });
 }
 
-void install_serial_parallel_for() { binformer::cpu::set_parallel_for(nullptr); }
+void install_serial_parallel_for() {
+  binformer::cpu::set_parallel_for(nullptr);
+  unsetenv("BINFORMER_CPU_SERIAL_BELOW");
+}
 
 }  // namespace bt
