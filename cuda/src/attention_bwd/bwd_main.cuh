@@ -47,7 +47,13 @@ struct MainTraits {
   // chunk, 12 warps per SM), picked with BINFORMER_BWD_MAIN_MIN_BLOCKS=3 for device A/B.
   static constexpr int kMinBlocks = kHdim <= 64 ? 2 : 1;
   static_assert(!kNarrow || kHdim <= 64, "the narrow shape is the hdim-64 one");
-  static constexpr int kCols = kFastMainCols;  // queries per tile (one cp.async stage)
+  // Queries per tile (one cp.async stage): 64; the pipelined hdim-64 kernel uses 128 (half the
+  // per-tile copy setup, barriers and flushes per chunk; 95 / 101 KiB of shared memory, so 2 CTAs
+  // per SM on sm_90 (228 KiB) but 1 on sm_80 (164 KiB): the launcher then runs the unpipelined
+  // kernel). bwd_host.h's main_cols (the finalize's causal rule) stays kFastMainCols: with
+  // 128-key blocks both widths start key block kb at query 128 kb, so the same partials exist.
+  static constexpr int kCols = kPipe && kHdim <= 64 ? 128 : kFastMainCols;
+  static_assert(kKeyBlockTc % kCols == 0 && kKeyBlockTc % kFastMainCols == 0, "same causal first query");
   static constexpr int kChunks = kCols / 16;
   static constexpr int kStride = kHdim + 8;  // smem row stride of V / dO in T (16-byte skew)
   static constexpr int kDvTiles = kHdim / 8;
@@ -143,6 +149,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
   constexpr int kBitRowsPerRound = Tr::kThreads / Tr::kBitWords;
   static_assert(Tr::kThreads % kVec == 0 && Tr::kCols % kDoRowsPerRound == 0 &&
                 Tr::kCols % kBitRowsPerRound == 0, "whole copy rounds per tile");
+  static_assert(Tr::kThreads >= Tr::kCols, "one thread per query column (record copy, column-sum flush)");
   const int do_row = tid / kVec, do_ch = (tid % kVec) * 8;
   const bool do_ch_ok = do_ch < dv;
   const int bit_row = tid / Tr::kBitWords, bit_word = tid % Tr::kBitWords;
@@ -317,6 +324,10 @@ attention_bwd_main_kernel(const BwdArgs a) {
     for (int kc = 0; kc < Tr::kChunks; ++kc) {
       // Positions inside one head fit in int (nq, nk above).
       const int q0 = int(c0) + kc * 16;
+      // Past the last query (the last tile): nothing to compute, and no column sum is read there
+      // (the flush stops at Nq). Block-uniform. (Before, these chunks ran with P = 0: e.g. 4 of
+      // the 40 chunks per key block at N = 577.)
+      if (q0 >= nq) break;
       // Warp-uniform: the chunk's 16 queries against the warp's 16 kM keys.
       const int k_lo = int(warp_row0), k_hi = k_lo + 16 * kM;
       if (a.causal && k_lo > q0 + 15) {  // every key after every query: P = 0, nothing to add
@@ -543,10 +554,24 @@ cudaError_t launch_main_v2_pipe(const BwdArgs& a, cudaStream_t stream) {
   return launch_main_v2_variant<T, kHdim, kPipe, false>(a, stream);
 }
 
+// Whether `blocks` CTAs of `smem_bytes` dynamic shared memory fit on one SM of the current device
+// (1 KiB per CTA is reserved by the runtime on sm_80 / sm_90).
+inline bool fits_per_sm(size_t smem_bytes, int blocks) {
+  int dev = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    return false;
+  }
+  return size_t(blocks) * (smem_bytes + 1024) <= size_t(per_sm);
+}
+
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
-  return main_pipe_knob() ? launch_main_v2_pipe<T, kHdim, true>(a, stream)
-                          : launch_main_v2_pipe<T, kHdim, false>(a, stream);
+  // The pipelined kernel only where it keeps the unpipelined kernel's CTAs per SM (its 3-stage
+  // ring of 128-query tiles needs ~95 KiB per CTA at hdim 64: sm_90 yes, sm_80 no).
+  using P = MainTraits<T, kHdim, true, false>;
+  if (main_pipe_knob() && fits_per_sm(P::kSmemBytes, P::kMinBlocks)) return launch_main_v2_pipe<T, kHdim, true>(a, stream);
+  return launch_main_v2_pipe<T, kHdim, false>(a, stream);
 }
 
 }  // namespace binformer::cuda::bwd::tc

@@ -270,6 +270,12 @@ int main(int argc, char** argv) {
     add(c);
     c.Nq = 129; c.Nk = 1; c.d = 32; c.dv = 48;
     add(c);
+    // The pipelined pass's 3-stage ring of 128-query tiles wrapping (5 tiles), and causal with
+    // key blocks that start at different tiles, Nq = Nk not a multiple of 16.
+    c.Nq = 600; c.Nk = 150; c.d = 64; c.dv = 64; c.B = 2;
+    add(c);
+    c.v_dtype = DType::kBFloat16; c.causal = true; c.Nq = c.Nk = 455; c.B = 1; c.d = 56; c.dv = 40;
+    add(c);
   }
   // Optional: run only case N (argv[1]).
   int only = argc > 1 ? std::atoi(argv[1]) : -1;
