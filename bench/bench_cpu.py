@@ -50,7 +50,8 @@ def main() -> None:
     if args.quick:
         shapes = [(1, 4, 1024), (1, 4, 4096)]
     rows = []
-    print(f"threads={torch.get_num_threads()} isa={binformer.cpu_isa()}")
+    load_before = os.getloadavg()  # the machine is shared: the record says how idle it was
+    print(f"threads={torch.get_num_threads()} isa={binformer.cpu_isa()} load average {load_before}")
     print(f"{'shape':>18} {'bin fp32':>9} {'bin bf16':>9} {'bin int8':>9} {'sdpa_fp32':>10} {'numpy':>8}"
           "   (G score elem/s)  fp32 speedup vs sdpa / numpy; bf16, pv_int8 vs sdpa")
     for b, h, n in shapes:
@@ -75,7 +76,10 @@ def main() -> None:
               f"{row['binformer_pv_int8_gelem_s']:9.2f} {row['sdpa_fp32_gelem_s']:10.2f} {row['numpy_gelem_s']:8.3f}"
               f"   {row['speedup_vs_sdpa']:.2f}x / {row['speedup_vs_numpy']:.1f}x; "
               f"{row['bf16_speedup_vs_sdpa']:.2f}x, {row['pv_int8_speedup_vs_sdpa']:.2f}x", flush=True)
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after}")
     payload = dict(benchmark="cpu_forward", env=environment(), isa=binformer.cpu_isa(), rows=rows,
+                   load_average_before=load_before, load_average_after=load_after,
                    targets=dict(speedup_vs_sdpa_at_4096=4.0, speedup_vs_numpy_at_4096=10.0))
     write_json(args.out, payload)
     try:
