@@ -44,6 +44,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/gpu_backward.json")
     ap.add_argument("--shapes", default=",".join(GPU_SHAPES))
+    ap.add_argument("--ab-env", default=None, help="NAME=VALUE: also time binformer with this env switch set")
     args = ap.parse_args()
     rows = []
     for name in args.shapes.split(","):
@@ -70,10 +71,18 @@ def main():
             [v, qw, kw], dout)
         res["binformer_ste"] = fwd_bwd_times(
             lambda: binformer.attention(q, k, v, q_scale=aq, k_scale=ak, grad_mode="ste"), [q, k, v, aq, ak], dout)
+        if args.ab_env:  # A/B of a runtime switch in the same process ("<name>@env" rows): the variable
+            key, value = args.ab_env.split("=", 1)  # stays set over the forward and the backward
+            os.environ[key] = value
+            res["binformer_hamming@env"] = fwd_bwd_times(lambda: binformer.attention(
+                q.detach(), k.detach(), v, q_scale=qw, k_scale=kw, grad_mode="hamming"), [v, qw, kw], dout)
+            res["binformer_ste@env"] = fwd_bwd_times(lambda: binformer.attention(
+                q, k, v, q_scale=aq, k_scale=ak, grad_mode="ste"), [q, k, v, aq, ak], dout)
+            del os.environ[key]
         us = {m: dict(fwd=r[0], fwd_bwd=r[1], bwd=r[2]) for m, r in res.items()}
         num = lambda m: us[m]["bwd"] if isinstance(us[m]["bwd"], float) else None  # noqa: E731
         sp = {}
-        for m in ("binformer_hamming", "binformer_ste"):
+        for m in [m for m in us if m.startswith("binformer")]:
             for peer in ("fa2", "cudnn"):
                 if num(m) and num(peer):
                     sp[f"{m}_bwd_vs_{peer}"] = num(peer) / num(m)
