@@ -857,9 +857,10 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
 // default on compute capability 9.0 devices (launch.h; BINFORMER_FWD_SM90=0 turns it off), so on
 // an H100 the AttentionFwd suite above runs it wherever it applies. Both paths stay tested on
 // every case that takes the bounded wgmma-capable path (fp16/bf16 V, no dense bias, no per-token
-// k scale, Dv = 64), plus longer key ranges: AttentionFwdSm90 forces BINFORMER_FWD_SM90=1 (skipped
-// on devices other than compute capability 9.0), AttentionFwdMmaSync forces BINFORMER_FWD_SM90=0
-// (the mma.sync bounded kernels, every device). With BINFORMER_FWD_SM90_LOG=1 the library prints
+// k scale, Dv = 64, and since v5 Dv = 72, 80, 96, 128), plus longer key ranges: AttentionFwdSm90
+// forces BINFORMER_FWD_SM90=1 and BINFORMER_FWD_SM90_WIDE=1 (=2 when set so by the caller: the
+// 1-block kernels; skipped on devices other than compute capability 9.0), AttentionFwdMmaSync forces BINFORMER_FWD_SM90=0 (the mma.sync bounded kernels,
+// every device). With BINFORMER_FWD_SM90_LOG=1 the library prints
 // one line when the wgmma kernel is first launched.
 bool have_sm90_device() {
   int major = 0, minor = 0;
@@ -895,7 +896,8 @@ std::vector<Case> sm90_cases() {
   std::vector<Case> cs;
   for (Case c : all_cases()) {
     const bool bounded = !c.pv_int8 && (c.v_dtype == DType::kFloat16 || c.v_dtype == DType::kBFloat16) &&
-                         c.bias == Bias::kNone && c.k_scale != Scale::kPerToken && c.dv == 64;
+                         c.bias == Bias::kNone && c.k_scale != Scale::kPerToken &&
+                         (c.dv == 64 || c.dv == 72 || c.dv == 80 || c.dv == 96 || c.dv == 128);
     if (!bounded) continue;
     c.name = "sm90_" + c.name;
     cs.push_back(c);
@@ -919,6 +921,23 @@ std::vector<Case> sm90_cases() {
     c.seed = seed++;
     cs.push_back(c);
   }
+  // The wide value widths (v5: Dv 72 no swizzle, 80 32B, 96 64B, 128 128B with two column
+  // blocks), DiT-like and many 64-key tiles.
+  for (int dv : {72, 80, 96, 128}) {
+    Case c;
+    c.name = "sm90_long_dv" + std::to_string(dv);
+    c.v_dtype = dv == 96 ? DType::kBFloat16 : DType::kFloat16;
+    c.d = dv;
+    c.dv = dv;
+    c.Nq = 300;
+    c.Nk = 1030;
+    c.causal = dv == 80;
+    c.q_scale = c.k_scale = Scale::kPerHead;
+    c.scale_lo = 0.5;
+    c.scale_hi = 1.0;
+    c.seed = seed++;
+    cs.push_back(c);
+  }
   return cs;
 }
 
@@ -928,6 +947,9 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
   FWD_REQUIRE_GPU();
   if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
   ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
+  // Dv 72..128 too (v5): 2 blocks/SM unless the caller asked for the 1-block kernels (=2).
+  const char* wide = std::getenv("BINFORMER_FWD_SM90_WIDE");
+  ScopedEnv sm90_wide("BINFORMER_FWD_SM90_WIDE", wide != nullptr && std::string(wide) == "2" ? "2" : "1");
   const Case& c = GetParam();
   SCOPED_TRACE(describe(c));
   AttentionFwdCase t(c);

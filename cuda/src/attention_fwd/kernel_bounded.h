@@ -90,6 +90,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
   static_assert(kGroupSteps == 1 || kGroupSteps == 2, "wgmma group: 1 or 2 k16 steps");
   static_assert(!kWgmma || kMT == 1, "wgmma: one m-tile per warp (rows 16 w of the warpgroup)");
+  // The wgmma V tile layout (pv_wgmma.h; unused without kWgmma).
+  using VLayout = WgmmaVLayout<kWgmma ? Tr::kDvPad : 64, kBlockN>;
   // log2 of the largest P, and the value every row maximum must reach before it is fixed.
   static constexpr float kTop = kBF ? 32.0f : 15.9f;  // 2^15.9 = 61147 < 65504
   static constexpr float kFloor = kBF ? -64.0f : 0.0f;
@@ -228,7 +230,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     constexpr int kVChunks = Tr::kVChunks;
     constexpr bool kOneColumnPerThread =
         !Tr::kDvMasked && kThreads % kVChunks == 0 && (kBlockN * kVChunks) % kThreads == 0;
-    static_assert(!kWgmma || kOneColumnPerThread, "the wgmma V layout is written by the first loop");
+    if constexpr (kWgmma && Tr::kDvPad != 64) {
+      load_v_wgmma_columns<kCheckKeys>(st, st_addr, v_head, v_row_bytes, key0, tid);
+      return;
+    }
+    static_assert(!kWgmma || Tr::kDvPad != 64 || kOneColumnPerThread,
+                  "the wgmma V layout (Dv 64) is written by the first loop");
     if constexpr (kOneColumnPerThread) {
       // Every thread copies the same 16-byte column of rows r0, r0 + kRowStep, ...: one pointer
       // add and one cp.async per chunk (the generic loop below recomputes row, column and
@@ -239,7 +246,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       const char* src = v_head + int64_t(key0 + r0) * v_row_bytes + (tid % kVChunks) * 16;
       const int64_t step = int64_t(kRowStep) * v_row_bytes;
       const uint32_t dst = st_addr + Tr::kOffV +
-                           (kWgmma ? WgmmaV::chunk_offset(r0, tid % kVChunks)
+                           (kWgmma ? VLayout::chunk_offset(r0, tid % kVChunks)
                                    : uint32_t(r0 * Tr::kVPitch + (tid % kVChunks) * 16));
       if (a.v_async_ok) {
 #pragma unroll
@@ -257,7 +264,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
       return;
     }
-    if constexpr (kWgmma) return;  // (never reached: the loop above covers Dv = 64)
+    if constexpr (kWgmma) return;  // (never reached: the loops above cover the wgmma widths)
     Base::template copy_chunks<kBlockN * Tr::kVChunks>(tid, [&](int c) {
       const int row = c / Tr::kVChunks, chunk = c % Tr::kVChunks;
       const int key = key0 + row;
@@ -272,6 +279,35 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         Base::copy_16_sync(st + dst, src, bytes);
       }
     });
+  }
+
+  // wgmma V tile at Dv = 72..128 (WgmmaVLayout: column blocks of W chunks, swizzled by key % 8):
+  // thread t < 8 * kVChunks copies chunk t / 8 of the keys t % 8 + 8 q, q = 0 .. kBlockN / 8 - 1.
+  // The 8 lanes of a quarter warp write the 8 keys of one chunk, which the layout puts in 8
+  // different 16-byte bank groups for every W (conflict-free stores), and a warp reads 4
+  // neighbouring chunks of 8 rows (64 contiguous bytes of each row). The other threads copy no V.
+  template <bool kCheckKeys>
+  __device__ __forceinline__ void load_v_wgmma_columns(unsigned char* st, uint32_t st_addr,
+                                                       const char* v_head, int64_t v_row_bytes,
+                                                       int key0, int tid) {
+    constexpr int kCopyThreads = 8 * Tr::kVChunks;
+    static_assert(kCopyThreads <= kThreads && kBlockN % 8 == 0, "one thread per (key % 8, chunk)");
+    if (tid >= kCopyThreads) return;
+    const int i = tid % 8, c = tid / 8;
+    const char* src = v_head + int64_t(key0 + i) * v_row_bytes + c * 16;
+    const int64_t step = 8 * v_row_bytes;
+    // chunk_offset(i + 8 q, c) = chunk_offset(i, c) + q * 8 key rows (the swizzle depends on key % 8)
+    const uint32_t dst = Tr::kOffV + VLayout::chunk_offset(i, c);
+#pragma unroll
+    for (int q = 0; q < kBlockN / 8; ++q) {
+      const bool ok = !kCheckKeys || key0 + i + 8 * q < a.Nk;
+      const uint32_t at = dst + uint32_t(q) * VLayout::kKeyGroupBytes;
+      if (a.v_async_ok) {
+        cp_async_16(st_addr + at, ok ? src + q * step : v_head, ok ? 16 : 0);
+      } else {
+        Base::copy_16_sync(st + at, ok ? src + q * step : v_head, ok ? 16 : 0);
+      }
+    }
   }
 
   // Shared-memory rel-pos table of this block: the patch entries its rows can reach (table rows
@@ -549,7 +585,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // warpgroup anyway (.aligned).
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile_wgmma(const unsigned char* st, int key0, int warp_limit) {
-    const uint64_t desc0 = WgmmaV::desc(smem_u32(st + Tr::kOffV));
+    const uint64_t desc0 = VLayout::desc(smem_u32(st + Tr::kOffV));
 #pragma unroll
     for (int kg = 0; kg < kBlockN / (16 * kGroupSteps); ++kg) {
       uint32_t pa[kGroupSteps][kMT][4];
@@ -595,7 +631,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
-      wgmma_m64n64k16_rs<kBF>(o[0], pa[s][0], desc0 + uint64_t(step0 + s) * WgmmaV::kStepDesc);
+      wgmma_m64nNk16_rs<Tr::kDvPad, kBF>(o[0], pa[s][0], desc0 + uint64_t(step0 + s) * VLayout::kStepDesc);
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -677,7 +713,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         }
       }
       if constexpr (kWgmma) {
-        pv_wgmma_group(pa, WgmmaV::desc(smem_u32(st + Tr::kOffV)), ch * kChunkNB / 2);
+        pv_wgmma_group(pa, VLayout::desc(smem_u32(st + Tr::kOffV)), ch * kChunkNB / 2);
       }
     }
     try_fix_max();

@@ -60,10 +60,22 @@ inline int relpos_window_floats(const FwdArgs& args, int block_m) {
 // Dv = 64 (any d, causal, rel-pos); measured on the H100 (device run 14, NOTES v4): 4096/64
 // 696 -> 616 us, 16384 2518 -> 2226 us. BINFORMER_FWD_SM90=0 in the environment (read at every
 // call, so that one process can A/B both paths) runs the mma.sync kernels instead.
+// Dv = 72, 80, 96, 128 (v5, not yet measured) take the wgmma path only when asked, until the
+// device run has checked them: BINFORMER_FWD_SM90_WIDE=1 (2 blocks of 8 warps per SM, 128
+// registers) or =2 (1 block per SM, up to 255 registers); unset or 0: mma.sync (read at every call).
 // BINFORMER_FWD_SM90_LOG=1 prints one line on the first launch of that path.
 inline bool fwd_wgmma_requested() {
   const char* env = std::getenv("BINFORMER_FWD_SM90");
   return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// BINFORMER_FWD_SM90_WIDE: 0 (unset) mma.sync, 1 wgmma at 2 blocks/SM, 2 wgmma at 1 block/SM.
+inline int fwd_wgmma_wide_mode() {
+  const char* env = std::getenv("BINFORMER_FWD_SM90_WIDE");
+  if (env == nullptr) return 0;
+  if (std::strcmp(env, "1") == 0) return 1;
+  if (std::strcmp(env, "2") == 0) return 2;
+  return 0;
 }
 
 inline bool fwd_device_is_sm90() {
@@ -107,15 +119,17 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   }
 }
 
-template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, bool kWide, bool kWgmma = false>
+template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, bool kWide, bool kWgmma = false,
+          int kWgmmaWideBlocks = 2>
 cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
+  constexpr int kB = kWgmmaWideBlocks;
   if (args.d <= 64) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kWide, kWgmma>>(args, stream);
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kWide, kWgmma, kB>>(args, stream);
   }
   if (args.d <= 128) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kWide, kWgmma>>(args, stream);
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kWide, kWgmma, kB>>(args, stream);
   }
-  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kWide, kWgmma>>(args, stream);
+  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kWide, kWgmma, kB>>(args, stream);
 }
 
 // fp16/bf16 V without a dense bias and without a per-token k scale: the bounded-max kernels
@@ -133,9 +147,17 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
   }
   launched = true;
   // sm_90a: wgmma P.V (8-warp shape = two warpgroups, every key range) unless BINFORMER_FWD_SM90=0.
-  if constexpr (kDvPad == 64 && !kDvMasked) {
-    if (fwd_wgmma_requested() && fwd_device_is_sm90()) {
-      const cudaError_t err = run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true>(args, stream);
+  constexpr bool kWgmmaWidth = kDvPad == 64 || kDvPad == 72 || kDvPad == 80 || kDvPad == 96 || kDvPad == 128;
+  if constexpr (kWgmmaWidth && !kDvMasked) {
+    const int wide_mode = kDvPad == 64 ? 1 : fwd_wgmma_wide_mode();
+    if (fwd_wgmma_requested() && wide_mode != 0 && fwd_device_is_sm90()) {
+      cudaError_t err;
+      if constexpr (kDvPad == 64) {
+        err = run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true>(args, stream);
+      } else {
+        err = wide_mode == 1 ? run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true, 2>(args, stream)
+                             : run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true, 1>(args, stream);
+      }
       if (err != cudaErrorNotSupported) return err;
     }
   }

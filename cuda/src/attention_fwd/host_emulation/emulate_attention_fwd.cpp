@@ -97,12 +97,12 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
   if (kernel == Kernel::kBounded) {
     dispatch<kDv, kPv, kRelPos>(args);
   } else if (kernel == Kernel::kWgmma) {
-    if constexpr (kDv == 64) {
+    if constexpr (kDv == 64 || kDv == 72 || kDv == 80 || kDv == 96 || kDv == 128) {
       const long long before = wgmma_emulation::wgmma_issued_total();
       dispatch<kDv, kPv, kRelPos, true>(args);
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();  // the wgmma path must have run
     } else {
-      std::abort();  // (Dv = 64 only)
+      std::abort();  // (Dv = 64 .. 128 only)
     }
   } else if (kernel == Kernel::kOnline) {
     using Tr = FwdTraits<kDv, kPv, false, false>;
@@ -118,6 +118,8 @@ void dispatch_dv(FwdArgs& args, Kernel kernel) {
   if (args.dv == 64) dispatch_kernel<64, kPv, kRelPos>(args, kernel);
   else if (args.dv == 32) dispatch_kernel<32, kPv, kRelPos>(args, kernel);
   else if (args.dv == 72) dispatch_kernel<72, kPv, kRelPos>(args, kernel);
+  else if (args.dv == 80) dispatch_kernel<80, kPv, kRelPos>(args, kernel);
+  else if (args.dv == 96) dispatch_kernel<96, kPv, kRelPos>(args, kernel);
   else if (args.dv == 128) dispatch_kernel<128, kPv, kRelPos>(args, kernel);
   else std::abort();
 }
@@ -390,10 +392,11 @@ int main(int argc, char** argv) {
     r.name = "online_bias_relpos_ptk"; r.per_token_k = true; r.wh = 7; r.ww = 9; r.prefix = 0;
     r.Nq = r.Nk = 63; r.causal = true; add(r);
   }
-  {  // the sm_90a variant (wgmma P.V) on every bounded Dv = 64 case, plus longer key ranges
+  {  // the sm_90a variant (wgmma P.V) on every bounded Dv = 64..128 case, plus longer key ranges
+     // and the value widths 80 / 96 (the 32B and 64B swizzles; 72 has none, 64 / 128 the 128B)
     std::vector<Case> wg;
     for (const Case& c : cases) {
-      if (c.kernel != Kernel::kBounded || c.dv != 64) continue;
+      if (c.kernel != Kernel::kBounded || c.dv < 64 || c.dv > 128) continue;
       Case w = c;
       w.kernel = Kernel::kWgmma;
       w.name = "wgmma_" + c.name;
@@ -403,6 +406,14 @@ int main(int argc, char** argv) {
     c.causal = true; c.scale_mult = 0.4; wg.push_back(c);
     c.name = "wgmma_long_bf16"; c.causal = false; c.bf16 = true; c.Nq = 130; c.Nk = 1100; c.scale_mult = 1.0;
     wg.push_back(c);
+    Case v; v.kernel = Kernel::kWgmma; v.name = "wgmma_d64_dv80_causal"; v.dv = 80; v.causal = true;
+    v.Nq = v.Nk = 200; wg.push_back(v);
+    v.name = "wgmma_d96_dv96_bf16"; v.d = 96; v.dv = 96; v.causal = false; v.bf16 = true; v.Nq = 140;
+    v.Nk = 300; wg.push_back(v);
+    v.name = "wgmma_d72_dv72_long"; v.d = 72; v.dv = 72; v.bf16 = false; v.scale_mult = 0.4; v.Nq = 130;
+    v.Nk = 700; wg.push_back(v);
+    v.name = "wgmma_d128_dv128_relpos"; v.d = 128; v.dv = 128; v.relpos = true; v.wh = 10; v.ww = 13;
+    v.prefix = 1; v.Nq = v.Nk = 131; v.scale_mult = 1.0; wg.push_back(v);
     for (Case& w : wg) add(w);
   }
   bool all = true;

@@ -194,7 +194,8 @@ inline void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
 namespace wgmma_emulation {
 using namespace ::fwd_emulation;
 struct WgmmaOp {
-  float* d;           // the thread's 32 accumulator registers
+  float* d;           // the thread's n / 2 accumulator registers
+  int n;              // N of m64nNk16
   double a[2][16];    // rows g and g + 8 of the warp's A, k = 0..15
   uint64_t desc;
   bool bf16;
@@ -230,7 +231,7 @@ inline uint32_t wgmma_b_address_mn_major(uint64_t desc, unsigned k, unsigned n) 
 
 inline void wgmma_execute(const WgmmaOp& op) {
   const unsigned g = lane() / 4, t = lane() % 4;
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < op.n / 8; ++i)
     for (int e = 0; e < 4; ++e) {
       const unsigned col = 8 * i + 2 * t + (e & 1);
       double sum = 0;
@@ -269,8 +270,9 @@ inline void wgmma_wait() {
 inline void reg_fence(float&) {}
 inline void reg_fence_u32(uint32_t&) {}
 
-template <bool kBF16>
-inline void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+template <int kN, bool kBF16>
+inline void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma n (f16/bf16: multiples of 8 up to 256)");
   using namespace wgmma_emulation;
   if (!wgmma_fenced) std::abort();  // PTX: wgmma.fence before the wgmma that reads new registers
   auto& s = slot(tid());
@@ -278,7 +280,7 @@ inline void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_
   s[4] = uint32_t(desc_b); s[5] = uint32_t(desc_b >> 32);
   warp_sync();
   const unsigned g = lane() / 4, base = warp_base();
-  WgmmaOp op{&d[0][0], {}, desc_b, kBF16};
+  WgmmaOp op{&d[0][0], kN, {}, desc_b, kBF16};
   for (unsigned h = 0; h < 2; ++h)
     for (unsigned k = 0; k < 16; ++k) {
       const uint32_t r = slot(base + 4 * g + (k % 8) / 2)[h + (k >= 8 ? 2 : 0)];
