@@ -347,6 +347,14 @@ TEST(AttentionBwd, MainPassV2Narrow) {
   run_main_pass_v2_variant(true, true);
 }
 
+// BINFORMER_BWD_MAIN_WGMMA=1: dV on wgmma at hdim 64 (sm_90 devices with sm_90a code; elsewhere
+// the switch falls back to the other kernels, so this repeats MainPassV2Shapes there).
+TEST(AttentionBwd, MainPassV2Wgmma) {
+  BF_REQUIRE_GPU();
+  const ScopedEnv env("BINFORMER_BWD_MAIN_WGMMA", true);
+  run_main_pass_v2_variant(false, false);
+}
+
 TEST(AttentionBwd, RejectsBadArguments) {
   AttentionBwdParams p{};
   p.B = 1; p.H = 1; p.Nq = 4; p.Nk = 4; p.head_dim = 12; p.v_dim = 8;  // d not a multiple of 8
@@ -360,7 +368,8 @@ TEST(AttentionBwd, RejectsBadArguments) {
 // Timing of the backward at the SPEC's reference shape. BINFORMER_BWD_MAIN_V1=1 times v1's main
 // pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64);
 // BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3 or with
-// BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape). Not a pass/fail test: run with
+// BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape); BINFORMER_BWD_MAIN_WGMMA=1 the
+// sm_90a kernel with dV on wgmma (hdim 64). Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {

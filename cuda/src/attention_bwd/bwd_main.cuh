@@ -31,9 +31,14 @@
 
 namespace binformer::cuda::bwd::tc {
 
-template <class T, int kHdim, bool kPipe = false, bool kNarrow = false>
+template <class T, int kHdim, bool kPipe = false, bool kNarrow = false, bool kWgmma = false>
 struct MainTraits {
   static_assert(kHdim == 64 || kHdim == 128, "v2 main pass: head-dim buckets 64 and 128");
+  // kWgmma (BINFORMER_BWD_MAIN_WGMMA=1, sm_90a, hdim 64, pipelined, 2 m-tiles): dV += P^T dO on
+  // wgmma.m64n64k16 (A = P from registers, B = the chunk's 16 dO rows from shared memory in the
+  // 128-byte-swizzled MN-major layout, asynchronous). The CTA's 4 warps are one warpgroup, and
+  // m-tile mt of warp w holds keys mt * 64 + 16 w.. (the wgmma row map) instead of 32 w + 16 mt...
+  static_assert(!kWgmma || (kHdim == 64 && kPipe && !kNarrow), "wgmma: the pipelined 2-m-tile hdim-64 kernel");
   // 16-key m-tiles per warp (dV: registers): 2 at hdim 64 (4 warps per CTA), 1 otherwise. kNarrow
   // (BINFORMER_BWD_MAIN_NARROW=1, hdim 64): 1 m-tile, 8 warps per CTA, <= 128 registers, so
   // 2 CTAs = 16 warps per SM (twice the warps to hide latency, twice the shared-memory reads of
@@ -64,8 +69,12 @@ struct MainTraits {
   // (kPipe) finishes a tile's last chunk during the next tile, so it keeps 3.
   static constexpr int kStages = kPipe ? 3 : 2;
 
+  // dO rows in shared memory: kStride (skewed) or, for wgmma, 64 elements = 128 bytes with the
+  // 16-byte pieces swizzled (piece c of row r at c ^ (r % 8)), every tile on a 1024-byte boundary.
+  static constexpr int kDoStride = kWgmma ? 64 : kStride;
   static constexpr size_t kVBytes = size_t(kRows) * kStride * sizeof(T);
-  static constexpr size_t kDoBytes = size_t(kCols) * kStride * sizeof(T);
+  static constexpr size_t kDoBytes = size_t(kCols) * kDoStride * sizeof(T);
+  static_assert(!kWgmma || (kVBytes % 1024 == 0 && kDoBytes % 1024 == 0), "1024-byte aligned dO tiles");
   static constexpr size_t kBitsBytes = size_t(kCols) * kBitWords * 4;
   static constexpr size_t kRecBytes = size_t(kCols) * 16;
   static constexpr size_t kColSumBytes = size_t(kWarps) * kCols * 4;
@@ -74,10 +83,11 @@ struct MainTraits {
   static constexpr size_t kOffRec = kOffBits + kStages * kBitsBytes;
   static constexpr size_t kOffColSum = kOffRec + kStages * kRecBytes;
   // kPipe: 16 zero rows of dO and 16 scratch column sums, the "pending chunk" before the first.
-  static constexpr size_t kOffZero = kOffColSum + kStages * kColSumBytes;
-  static constexpr size_t kZeroBytes = kPipe ? size_t(16) * kStride * sizeof(T) : 0;
+  static constexpr size_t kOffZero = (kOffColSum + kStages * kColSumBytes + 1023) / 1024 * 1024;
+  static constexpr size_t kZeroBytes = kPipe ? size_t(16) * kDoStride * sizeof(T) : 0;
   static constexpr size_t kOffScratch = kOffZero + kZeroBytes;
-  static constexpr size_t kSmemBytes = kOffScratch + (kPipe ? 16 * 4 : 0);
+  // + 1 KiB for wgmma: the kernel aligns the dynamic shared memory base to 1024 bytes itself.
+  static constexpr size_t kSmemBytes = kOffScratch + (kPipe ? 16 * 4 : 0) + (kWgmma ? 1024 : 0);
 };
 
 // Word w (0..7) of the extended bit string [bits, ~bits, 0...] of a d-bit row: which stored word
@@ -100,12 +110,26 @@ __device__ __forceinline__ ExtWord ext_word(int w, int d, int words) {
   return e;
 }
 
-template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false>
-__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow>::kThreads, kMinBlocks)
+// The wgmma B descriptor of 16 dO rows (K = 16 queries, N = 64 channels, MN-major, 128-byte
+// swizzle) starting at shared address `addr` (a multiple of 1024): start >> 4 in bits 0-13,
+// LBO = 1024 (unused at N = 64) in 16-29, SBO = 1024 (the next 8 rows) in 32-45, base offset 0,
+// swizzle mode 1 (128B) in 62-63: the descriptor of the forward's measured P.V (pv_wgmma.h).
+__device__ __forceinline__ uint64_t wgmma_do_desc(uint32_t addr) {
+  return uint64_t((addr >> 4) & 0x3FFFu) | (uint64_t(1024 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false, bool kWgmma = false>
+__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>::kThreads, kMinBlocks)
 attention_bwd_main_kernel(const BwdArgs a) {
-  using Tr = MainTraits<T, kHdim, kPipe, kNarrow>;
+  using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
   constexpr int kM = Tr::kMTiles;
-  BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem);
+#if !defined(BINFORMER_BWD_WGMMA_CODE)
+  if constexpr (kWgmma) return;  // sm_90a code only (the host launches it only there)
+#endif
+  BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = smem_raw;
+  if constexpr (kWgmma) smem += (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u;
   T* v_smem = reinterpret_cast<T*>(smem);
   T* do_smem = reinterpret_cast<T*>(smem + Tr::kOffDo);
   uint32_t* bits_smem = reinterpret_cast<uint32_t*>(smem + Tr::kOffBits);
@@ -151,6 +175,11 @@ attention_bwd_main_kernel(const BwdArgs a) {
                 Tr::kCols % kBitRowsPerRound == 0, "whole copy rounds per tile");
   static_assert(Tr::kThreads >= Tr::kCols, "one thread per query column (record copy, column-sum flush)");
   const int do_row = tid / kVec, do_ch = (tid % kVec) * 8;
+  // Element offset of this thread's 16-byte dO piece in a tile row group (rows do_row + k
+  // kDoRowsPerRound keep do_row % 8, so the swizzle is the same for all of them).
+  const int do_dst = kWgmma ? do_row * Tr::kDoStride + (((do_ch >> 3) ^ (do_row & 7)) << 3)
+                            : do_row * Tr::kDoStride + do_ch;
+  static_assert(!kWgmma || kDoRowsPerRound % 8 == 0, "swizzle phase per thread");
   const bool do_ch_ok = do_ch < dv;
   const int bit_row = tid / Tr::kBitWords, bit_word = tid % Tr::kBitWords;
   const bool bit_word_ok = bit_word < words;
@@ -158,12 +187,12 @@ attention_bwd_main_kernel(const BwdArgs a) {
   const int64_t bit_round_step = int64_t(kBitRowsPerRound) * a.q_stride[2];
   auto load_tile = [&](int64_t tile, int buf) {
     const int c0 = int(tile) * Tr::kCols;
-    T* ys = do_smem + buf * (Tr::kCols * Tr::kStride) + do_row * Tr::kStride + do_ch;
+    T* ys = do_smem + buf * (Tr::kCols * Tr::kDoStride) + do_dst;
     const T* src = do_gmem + int64_t(c0 + do_row) * a.dout_stride[2] + do_ch;
 #pragma unroll
     for (int it = 0; it < Tr::kCols / kDoRowsPerRound; ++it) {
       const bool ok = do_ch_ok && c0 + do_row + it * kDoRowsPerRound < nq;
-      cp_async_16(ys + it * kDoRowsPerRound * Tr::kStride, ok ? src + it * do_round_step : do_gmem, ok);
+      cp_async_16(ys + it * kDoRowsPerRound * Tr::kDoStride, ok ? src + it * do_round_step : do_gmem, ok);
     }
     uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords) + tid;
     const uint32_t* bsrc = q_bits + int64_t(c0 + bit_row) * a.q_stride[2] + bit_word;
@@ -182,12 +211,14 @@ attention_bwd_main_kernel(const BwdArgs a) {
   else cp_async_commit();
 
   // ---- row (key) state in registers
-  const int64_t warp_row0 = row0 + warp * (16 * kM);
+  // First key (relative to row0) of m-tile mt of this warp: 16 consecutive m-tiles per warp, or
+  // for wgmma the warpgroup's row map (m-tile mt = rows mt * 64 .. of the CTA, warp w = 16 w ..).
+  auto tile_key = [&](int mt) { return kWgmma ? mt * 64 + warp * 16 : warp * (16 * kM) + mt * 16; };
   int64_t my_row[kM][2];
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
-    my_row[mt][0] = warp_row0 + mt * 16 + g;
-    my_row[mt][1] = warp_row0 + mt * 16 + g + 8;
+    my_row[mt][0] = row0 + tile_key(mt) + g;
+    my_row[mt][1] = row0 + tile_key(mt) + g + 8;
   }
   // b1 A fragments of the extended key bits: a0 / a1 = word t of rows g / g + 8, a2 / a3 = word
   // t + 4 (always zero at hdim 64: 2 ceil(64/32) = 4 words).
@@ -241,14 +272,18 @@ attention_bwd_main_kernel(const BwdArgs a) {
   uint32_t vfrag[kM][Tr::kDvSteps][4];
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
-    const T* vw = v_smem + (warp * 16 * kM + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kStride +
-                  (lane >> 4) * 8;
+    const T* vw = v_smem + (tile_key(mt) + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kStride + (lane >> 4) * 8;
 #pragma unroll
     for (int ks = 0; ks < Tr::kDvSteps; ++ks) ldmatrix_x4(vfrag[mt][ks], vw + ks * 16);
   }
   // Per-lane smem offsets of the dO fragments of a chunk: non-transposed (dP) and transposed (dV).
-  const int do_off = ((lane >> 4) * 8 + (lane & 7)) * Tr::kStride + ((lane >> 3) & 1) * 8;
-  const int do_off_t = (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kStride + (lane >> 4) * 8;
+  // (wgmma: rows of 64 elements, piece p of chunk row r at p ^ (r % 8), r % 8 = lane % 8.)
+  const int do_off = ((lane >> 4) * 8 + (lane & 7)) * Tr::kDoStride + (kWgmma ? 0 : ((lane >> 3) & 1) * 8);
+  auto do_piece = [&](int ks) {  // element offset of this lane's piece for k-step ks
+    const int p = 2 * ks + ((lane >> 3) & 1);
+    return kWgmma ? ((p ^ (lane & 7)) << 3) : ks * 16;
+  };
+  const int do_off_t = (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kDoStride + (lane >> 4) * 8;
   // Column-sum slot of this lane inside a chunk's 16 columns (after the reduce-scatter below);
   // only even g store (the odd ones hold duplicates).
   const int cs_lane = (g >> 2) * 8 + 2 * t + ((g >> 1) & 1);
@@ -258,6 +293,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
   // bits 4, 3, 2; afterwards lane (g, t) holds query column cs_lane) into the chunk's slot
   // `cs`, and dV += P^T dO with P (rounded to T, as FlashAttention does) straight from the
   // accumulator layout as the A operand, k = the chunk's 16 queries `ys` (dO rows in smem).
+  // (kWgmma: the column sums only; the chunk issues its own dV wgmma, see below.)
   auto chunk_back = [&](const uint32_t (&pa)[kM][4], const float (&col_part)[2][2], const T* ys, float* cs) {
     {
       const bool up16 = (lane & 16) != 0, up8 = (lane & 8) != 0;
@@ -273,14 +309,16 @@ attention_bwd_main_kernel(const BwdArgs a) {
       keep += __shfl_xor_sync(0xffffffffu, keep, 4);
       if (cs_store) cs[cs_lane] = keep;
     }
+    if constexpr (!kWgmma) {
 #pragma unroll
-    for (int dp = 0; dp < Tr::kDvTiles / 2; ++dp) {
-      uint32_t yb[4];
-      ldmatrix_x4_trans(yb, ys + do_off_t + dp * 16);
+      for (int dp = 0; dp < Tr::kDvTiles / 2; ++dp) {
+        uint32_t yb[4];
+        ldmatrix_x4_trans(yb, ys + do_off_t + dp * 16);
 #pragma unroll
-      for (int mt = 0; mt < kM; ++mt) {
-        mma_16816<T>(acc[mt][2 * dp], pa[mt], yb[0], yb[1]);
-        mma_16816<T>(acc[mt][2 * dp + 1], pa[mt], yb[2], yb[3]);
+        for (int mt = 0; mt < kM; ++mt) {
+          mma_16816<T>(acc[mt][2 * dp], pa[mt], yb[0], yb[1]);
+          mma_16816<T>(acc[mt][2 * dp + 1], pa[mt], yb[2], yb[3]);
+        }
       }
     }
   };
@@ -315,7 +353,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
       if (tile > tile_begin) flush_column_sums(tile - 1, next);
     }
     const int64_t c0 = tile * Tr::kCols;
-    const T* ys = do_smem + buf * (Tr::kCols * Tr::kStride);
+    const T* ys = do_smem + buf * (Tr::kCols * Tr::kDoStride);
     const uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords);
     const float4* rs = rec_smem + buf * Tr::kCols;
     float* colsum = colsum_smem + (buf * Tr::kWarps + warp) * Tr::kCols;
@@ -328,8 +366,9 @@ attention_bwd_main_kernel(const BwdArgs a) {
       // (the flush stops at Nq). Block-uniform. (Before, these chunks ran with P = 0: e.g. 4 of
       // the 40 chunks per key block at N = 577.)
       if (q0 >= nq) break;
-      // Warp-uniform: the chunk's 16 queries against the warp's 16 kM keys.
-      const int k_lo = int(warp_row0), k_hi = k_lo + 16 * kM;
+      // Warp-uniform: the chunk's 16 queries against the warp's 16 kM keys (wgmma: block-uniform,
+      // the CTA's keys, since the whole warpgroup issues every wgmma).
+      const int k_lo = int(row0) + (kWgmma ? 0 : tile_key(0)), k_hi = k_lo + (kWgmma ? Tr::kRows : 16 * kM);
       if (a.causal && k_lo > q0 + 15) {  // every key after every query: P = 0, nothing to add
         if (cs_store) colsum[kc * 16 + cs_lane] = 0.f;
         continue;
@@ -381,7 +420,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
               const int rs2 = e >> 1, cs = e & 1;
               const float p = ex2_approx(fmaf(s_x[mt][nt][e], c_f[nt][cs] * row_b[mt][rs2], -c_lse[nt][cs]));
               if constexpr (kCheck) {
-                const int i = q0 + nt * 8 + 2 * t + cs, j = k_lo + mt * 16 + g + 8 * rs2;
+                const int i = q0 + nt * 8 + 2 * t + cs, j = int(row0) + tile_key(mt) + g + 8 * rs2;
                 const bool valid = i < nq && j < nk && !(a.causal && j > i);
                 s_p[mt][nt][e] = valid ? p : 0.f;
               } else {
@@ -390,6 +429,26 @@ attention_bwd_main_kernel(const BwdArgs a) {
             }
           }
         }
+        // P rounded to T in the A-operand layout of the dV mma (the accumulator layout, k = the
+        // chunk's 16 queries).
+        uint32_t pa[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          pa[mt][0] = pack2<T>(s_p[mt][0][0], s_p[mt][0][1]);
+          pa[mt][1] = pack2<T>(s_p[mt][0][2], s_p[mt][0][3]);
+          pa[mt][2] = pack2<T>(s_p[mt][1][0], s_p[mt][1][1]);
+          pa[mt][3] = pack2<T>(s_p[mt][1][2], s_p[mt][1][3]);
+        }
+        // kWgmma: dV += P^T dO for this chunk now, one m64n64k16 per m-tile (B = the chunk's 16
+        // swizzled dO rows), asynchronous: it runs under the dP mmas and dS below and is retired
+        // at the end of the chunk (wait_group 0), before pa or the dO rows can change.
+        if constexpr (kWgmma) {
+          const uint64_t desc = wgmma_do_desc(smem_addr(ys + kc * 16 * Tr::kDoStride));
+          wgmma_fence();
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) wgmma_m64n64k16_rs<T>(acc[mt], pa[mt], desc);
+          wgmma_commit();
+        }
         // dP - D = V dO^T - D (k = channels); each dO fragment serves the kM m-tiles. No Dv
         // guard: V and dO are zero past Dv in shared memory, and a runtime test here would split
         // the chunk into basic blocks (v1 paid that per element).
@@ -397,7 +456,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
 #pragma unroll
         for (int ks = 0; ks < Tr::kDvSteps; ++ks) {
           uint32_t yb[4];
-          ldmatrix_x4(yb, ys + kc * 16 * Tr::kStride + do_off + ks * 16);
+          ldmatrix_x4(yb, ys + kc * 16 * Tr::kDoStride + do_off + do_piece(ks));
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
             if (ks == 0) {
@@ -424,14 +483,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
             }
           }
         }
-        uint32_t pa[kM][4];
-#pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-          pa[mt][0] = pack2<T>(s_p[mt][0][0], s_p[mt][0][1]);
-          pa[mt][1] = pack2<T>(s_p[mt][0][2], s_p[mt][0][3]);
-          pa[mt][2] = pack2<T>(s_p[mt][1][0], s_p[mt][1][1]);
-          pa[mt][3] = pack2<T>(s_p[mt][1][2], s_p[mt][1][3]);
-        }
+        if constexpr (kWgmma) wgmma_wait<0>();  // this chunk's dV wgmma (see above)
         if constexpr (kPipe) {  // this chunk becomes the pending one
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
@@ -443,10 +495,10 @@ attention_bwd_main_kernel(const BwdArgs a) {
             pend_col[nt][0] = col_part[nt][0];
             pend_col[nt][1] = col_part[nt][1];
           }
-          pend_ys = ys + kc * 16 * Tr::kStride;
+          pend_ys = ys + kc * 16 * Tr::kDoStride;
           pend_cs = colsum + kc * 16;
         } else {
-          chunk_back(pa, col_part, ys + kc * 16 * Tr::kStride, colsum + kc * 16);
+          chunk_back(pa, col_part, ys + kc * 16 * Tr::kDoStride, colsum + kc * 16);
         }
       };
       if (interior) chunk(std::false_type{});
@@ -455,6 +507,17 @@ attention_bwd_main_kernel(const BwdArgs a) {
   }
   // kPipe: the last pending chunk (or the empty one when no chunk ran).
   if constexpr (kPipe) chunk_back(pend_pa, pend_col, pend_ys, pend_cs);
+  if constexpr (kWgmma) {
+    wgmma_wait<0>();  // (every chunk retired its own; the accumulators are final here)
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+      for (int i = 0; i < Tr::kDvTiles; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) reg_fence(acc[mt][i][e]);
+      }
+    }
+  }
 
   // ---- epilogue
   if (tile_begin < tile_end) {
@@ -515,6 +578,13 @@ inline bool main_narrow_knob() {
   const char* e = std::getenv("BINFORMER_BWD_MAIN_NARROW");
   return e != nullptr && e[0] == '1';
 }
+// BINFORMER_BWD_MAIN_WGMMA=1: the sm_90a kernel with dV on wgmma (MainTraits::kWgmma; implies
+// the pipelined 2-m-tile shape at hdim 64; overrides PIPE / NARROW / MIN_BLOCKS there). Read on
+// every launch; pending device verification.
+inline bool main_wgmma_knob() {
+  const char* e = std::getenv("BINFORMER_BWD_MAIN_WGMMA");
+  return e != nullptr && e[0] == '1';
+}
 
 }  // namespace binformer::cuda::bwd::tc
 
@@ -530,14 +600,14 @@ inline int main_min_blocks_knob() {
   return v;
 }
 
-template <class T, int kHdim, bool kPipe, bool kNarrow>
+template <class T, int kHdim, bool kPipe, bool kNarrow, bool kWgmma = false>
 cudaError_t launch_main_v2_variant(const BwdArgs& a, cudaStream_t stream) {
-  using Tr = MainTraits<T, kHdim, kPipe, kNarrow>;
+  using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
   const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow>;
-  if constexpr (kHdim <= 64 && !kNarrow) {
+  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow, kWgmma>;
+  if constexpr (kHdim <= 64 && !kNarrow && !kWgmma) {
     if (main_min_blocks_knob() == 3) kernel = attention_bwd_main_kernel<T, kHdim, 3, kPipe>;
   }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmemBytes));
@@ -565,8 +635,33 @@ inline bool fits_per_sm(size_t smem_bytes, int blocks) {
   return size_t(blocks) * (smem_bytes + 1024) <= size_t(per_sm);
 }
 
+// The wgmma kernel runs only on compute capability 9.0 with sm_90a code in the binary (a build
+// without 90a in BINFORMER_CUDA_ARCHS has an empty kernel body there).
+inline bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+template <class Kernel>
+bool kernel_has_sm90a_code(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
+  return attr.binaryVersion == 90;
+}
+
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
+  if constexpr (kHdim <= 64) {
+    using W = MainTraits<T, kHdim, true, false, true>;
+    if (main_wgmma_knob() && device_is_sm90() && fits_per_sm(W::kSmemBytes, W::kMinBlocks) &&
+        kernel_has_sm90a_code(attention_bwd_main_kernel<T, kHdim, W::kMinBlocks, true, false, true>)) {
+      return launch_main_v2_variant<T, kHdim, true, false, true>(a, stream);
+    }
+  }
   // The pipelined kernel only where it keeps the unpipelined kernel's CTAs per SM (its 3-stage
   // ring of 128-query tiles needs ~95 KiB per CTA at hdim 64: sm_90 yes, sm_80 no).
   using P = MainTraits<T, kHdim, true, false>;

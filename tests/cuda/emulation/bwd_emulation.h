@@ -97,6 +97,7 @@ struct Cta {
 };
 
 inline thread_local Cta* tl_cta = nullptr;
+inline thread_local long wgmma_ops_in_flight = 0;  // issued, not yet retired by a wait (tc::wgmma_*)
 inline thread_local uint3 tl_thread, tl_block, tl_block_dim, tl_grid_dim;
 
 inline unsigned char* dynamic_smem() {
@@ -125,6 +126,7 @@ void launch(Kernel kernel, unsigned grid, unsigned block, size_t smem_bytes, con
         tl_block_dim = {block, 1, 1};
         tl_grid_dim = {grid, 1, 1};
         kernel(args...);
+        if (wgmma_ops_in_flight != 0) std::abort();  // wgmma left in flight at thread exit
       });
     }
     for (auto& th : threads) th.join();
@@ -273,5 +275,136 @@ inline void cp_async_4(void* smem, const void* gmem, bool valid) {
 }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
+
+// ---------------------------------------------------------------- shared-memory addresses
+// The shared window's addresses of the emulated CTA start at 0x280 (a multiple of 128, not of
+// 1024), so a kernel that needs 1024-byte alignment (the wgmma swizzle) must align itself.
+inline constexpr uint32_t kEmulatedSmemAddrBase = 0x280;
+inline uint32_t smem_addr(const void* p) {
+  const auto* base = bwd_emulation::tl_cta->smem.data();
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < base || q >= base + bwd_emulation::tl_cta->smem.size()) std::abort();  // not shared memory
+  return uint32_t(q - base) + kEmulatedSmemAddrBase;
+}
+inline const unsigned char* smem_ptr(uint32_t addr) {
+  if (addr < kEmulatedSmemAddrBase || addr - kEmulatedSmemAddrBase >= bwd_emulation::tl_cta->smem.size()) {
+    std::abort();
+  }
+  return bwd_emulation::tl_cta->smem.data() + (addr - kEmulatedSmemAddrBase);
+}
+
+// ---------------------------------------------------------------- wgmma (sm_90a)
+// PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate", written from the ISA
+// (independently of the kernel's descriptor code in bwd_main.cuh):
+//  - wgmma.mma_async.m64nNk16, A in registers: warp w of the warpgroup supplies rows 16w..16w+15 in
+//    the m16n8k16 A layout (a0 = (g, k 2t..2t+1), a1 = (g+8, k 2t..), a2 = (g, k 2t+8..),
+//    a3 = (g+8, k 2t+8..), lower k in the lower half); D (f32) d[i][e] = (row g + 8 (e / 2) of the
+//    warp's 16, column 8i + 2t + e % 2).
+//  - B (K x N) from shared memory through the 64-bit descriptor: start address (bits 0-13),
+//    leading-dimension byte offset LBO (16-29), stride-dimension byte offset SBO (32-45), all >> 4;
+//    base offset (49-51, must be 0 here); swizzle mode (62-63: 0 none, 1 128B, 2 64B, 3 32B). With
+//    imm-trans-b = 1 (MN-major, 16-bit, T = 8 elements = 16 bytes) the canonical layouts are
+//      none: ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO));  32B: ((T,2,m),(8,k)) : ((1,T,LBO),(2T,SBO));
+//      64B:  ((T,4,m),(8,k)) : ((1,T,LBO),(4T,SBO));  128B: ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO))
+//    (element strides, first mode N, second K); the swizzle XORs the 16-byte chunk bits 4.. of the
+//    resulting byte address with bits 7.. (3, 2 or 1 bits).
+//  - asynchrony: operands and accumulators are accessed somewhere between the wgmma and the
+//    wgmma.wait_group that retires its commit group. Here everything happens at that wait (A is
+//    captured at issue), so a kernel that reads the accumulators or overwrites B's shared memory
+//    before the wait computes wrong values. A wgmma without a preceding fence, descriptors that
+//    differ across a warp, or operations still in flight when the thread exits abort.
+#define BINFORMER_BWD_WGMMA_CODE 1
+namespace wgmma_emulation {
+struct Op {
+  float* d;         // the thread's 32 accumulator registers
+  double a[2][16];  // rows g and g + 8 of the warp's A, k = 0..15
+  uint64_t desc;
+  bool bf16;
+};
+inline thread_local std::vector<Op> open_ops;
+inline thread_local std::vector<std::vector<Op>> groups;  // committed, oldest first
+inline thread_local bool fenced = false;
+
+inline uint32_t b_address_mn_major(uint64_t desc, unsigned k, unsigned n) {
+  const uint32_t start = uint32_t(desc & 0x3FFFu) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3FFFu) << 4;
+  const unsigned base_offset = unsigned(desc >> 49) & 7u;
+  const unsigned mode = unsigned(desc >> 62) & 3u;
+  if (base_offset != 0) std::abort();
+  const unsigned swz_bits = mode == 1 ? 3 : mode == 2 ? 2 : mode == 3 ? 1 : 0;
+  const unsigned chunks = 1u << swz_bits, T = 8;
+  uint32_t off;
+  if (mode == 0) {
+    off = (n % T) * 2 + (n / T) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+  } else {
+    const unsigned e = T * chunks;
+    off = (n % e) * 2 + (n / e) * lbo + (k % 8) * (16 * chunks) + (k / 8) * sbo;
+  }
+  uint32_t addr = start + off;
+  addr ^= ((addr >> 7) & (chunks - 1)) << 4;
+  return addr;
+}
+
+inline void execute(const Op& op) {
+  const unsigned t = bwd_emulation::lane() % 4;
+  for (int i = 0; i < 8; ++i) {
+    for (int e = 0; e < 4; ++e) {
+      const unsigned col = 8 * i + 2 * t + (e & 1);
+      double sum = 0;
+      for (unsigned k = 0; k < 16; ++k) {
+        uint16_t bits;
+        std::memcpy(&bits, smem_ptr(b_address_mn_major(op.desc, k, col)), 2);
+        const double bv = op.bf16 ? binformer::test::bf16_bits_to_double(bits) : binformer::test::half_bits_to_double(bits);
+        sum += op.a[e / 2][k] * bv;
+      }
+      op.d[4 * i + e] = float(double(op.d[4 * i + e]) + sum);
+    }
+  }
+  --bwd_emulation::wgmma_ops_in_flight;
+}
+}  // namespace wgmma_emulation
+
+inline void wgmma_fence() { wgmma_emulation::fenced = true; }
+inline void wgmma_commit() {
+  using namespace wgmma_emulation;
+  groups.push_back(std::move(open_ops));
+  open_ops.clear();
+  fenced = false;  // the kernel fences before every group
+}
+template <int N>
+inline void wgmma_wait() {
+  using namespace wgmma_emulation;
+  while (groups.size() > size_t(N)) {
+    for (const Op& op : groups.front()) execute(op);
+    groups.erase(groups.begin());
+  }
+}
+inline void reg_fence(float&) {}
+
+
+template <class T>
+inline void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  using namespace bwd_emulation;
+  if (!wgmma_emulation::fenced) std::abort();  // PTX: wgmma.fence before a wgmma reading new registers
+  auto& s = slot(tid());
+  s[0] = a[0]; s[1] = a[1]; s[2] = a[2]; s[3] = a[3];
+  s[4] = uint32_t(desc_b); s[5] = uint32_t(desc_b >> 32);
+  warp_sync();
+  const unsigned g = lane() / 4, base = warp_base();
+  wgmma_emulation::Op op{&d[0][0], {}, desc_b, std::is_same<T, __nv_bfloat16>::value};
+  for (unsigned h = 0; h < 2; ++h) {
+    for (unsigned k = 0; k < 16; ++k) {
+      const uint32_t r = slot(base + 4 * g + (k % 8) / 2)[h + (k >= 8 ? 2 : 0)];
+      op.a[h][k] = half_value<T>(k % 2 ? r >> 16 : r & 0xffffu);
+    }
+  }
+  for (unsigned l = 0; l < 32; ++l) {  // .aligned: one descriptor for the whole warp
+    if (slot(base + l)[4] != s[4] || slot(base + l)[5] != s[5]) std::abort();
+  }
+  warp_sync();
+  wgmma_emulation::open_ops.push_back(op);
+  ++wgmma_ops_in_flight;
+}
 
 }  // namespace binformer::cuda::bwd::tc

@@ -41,20 +41,21 @@ void tc_pass(const BwdArgs& a) {
 
 // Which v2 main-pass variant runs (the device reads BINFORMER_BWD_MAIN_PIPE / _NARROW; here every
 // v2 case runs with each).
-bool g_main_pipe = false, g_main_narrow = false;
+bool g_main_pipe = false, g_main_narrow = false, g_main_wgmma = false;
 
-template <class T, int kHdim, bool kPipe, bool kNarrow>
+template <class T, int kHdim, bool kPipe, bool kNarrow, bool kWgmma = false>
 void main_v2_variant(const BwdArgs& a) {
-  using Tr = tc::MainTraits<T, kHdim, kPipe, kNarrow>;
+  using Tr = tc::MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
   const unsigned blocks = unsigned((a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H);
   if (blocks == 0) return;
-  bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow>, blocks,
+  bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow, kWgmma>, blocks,
                         unsigned(Tr::kThreads), Tr::kSmemBytes, a);
 }
 
 template <class T, int kHdim, bool kPipe>
 void main_v2_pipe(const BwdArgs& a) {
   if constexpr (kHdim <= 64) {
+    if (g_main_wgmma) return main_v2_variant<T, kHdim, true, false, true>(a);
     if (g_main_narrow) return main_v2_variant<T, kHdim, kPipe, true>(a);
   }
   main_v2_variant<T, kHdim, kPipe, false>(a);
@@ -131,6 +132,7 @@ bool emulate_attention_bwd(const AttentionBwdParams& p) {
 }
 
 const char* main_v2_label() {
+  if (g_main_wgmma) return "tensor cores, main v2 wgmma dV (pipelined)";
   if (g_main_narrow) return g_main_pipe ? "tensor cores, main v2 narrow pipelined" : "tensor cores, main v2 narrow";
   return g_main_pipe ? "tensor cores, main v2 pipelined" : "tensor cores, main v2";
 }
@@ -289,17 +291,18 @@ int main(int argc, char** argv) {
     std::printf("case %zu: ", k);
     bool v2 = false;
     ok = run_case(cases[k], rng, &v2) && ok;
-    // The v2 cases again with the pipelined, narrow (hdim 64) and narrow pipelined main pass, on
-    // the same problem (same random stream).
+    // The v2 cases again with the pipelined, narrow (hdim 64), narrow pipelined and wgmma (hdim 64)
+    // main pass, on the same problem (same random stream).
     const bool hdim64 = std::max(cases[k].d, cases[k].dv) <= 64;
-    for (int variant = 1; v2 && variant < (hdim64 ? 4 : 2); ++variant) {
+    for (int variant = 1; v2 && variant < (hdim64 ? 5 : 2); ++variant) {
       std::mt19937_64 again = before;
       g_main_pipe = (variant & 1) != 0;
       g_main_narrow = (variant & 2) != 0;
+      g_main_wgmma = variant == 4;
       std::printf("case %zu: ", k);
       ok = run_case(cases[k], again, &v2) && ok;
     }
-    g_main_pipe = g_main_narrow = false;
+    g_main_pipe = g_main_narrow = g_main_wgmma = false;
   }
   return ok ? 0 : 1;
 }
