@@ -657,9 +657,11 @@ template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
   if constexpr (kHdim <= 64) {
     using W = MainTraits<T, kHdim, true, false, true>;
-    if (main_wgmma_knob() && device_is_sm90() && fits_per_sm(W::kSmemBytes, W::kMinBlocks) &&
-        kernel_has_sm90a_code(attention_bwd_main_kernel<T, kHdim, W::kMinBlocks, true, false, true>)) {
-      return launch_main_v2_variant<T, kHdim, true, false, true>(a, stream);
+    if (main_wgmma_knob() && device_is_sm90() && fits_per_sm(W::kSmemBytes, W::kMinBlocks)) {
+      // (one query per process and instantiation: the loaded binary does not change)
+      static const bool has_code =
+          kernel_has_sm90a_code(attention_bwd_main_kernel<T, kHdim, W::kMinBlocks, true, false, true>);
+      if (has_code) return launch_main_v2_variant<T, kHdim, true, false, true>(a, stream);
     }
   }
   // The pipelined kernel only where it keeps the unpipelined kernel's CTAs per SM (its 3-stage
