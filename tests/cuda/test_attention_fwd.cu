@@ -985,6 +985,53 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdMmaSync, ::testing::ValuesIn(sm90_ca
                            return "mmasync_" + info.param.name.substr(5) + "_" + std::to_string(info.index);
                          });
 
+// Rel-pos in the bounded kernels with the table streamed per key tile (kernel_bounded.h
+// relpos_slice; launch.h takes it when a block's table window exceeds 64 KB, and
+// BINFORMER_FWD_RELPOS_STREAM=1 forces it): every bounded rel-pos case above, plus a grid whose
+// window exceeds 64 KB (64 x 129 + cls: 8257 tokens, one head).
+std::vector<Case> relpos_stream_cases() {
+  std::vector<Case> cs;
+  for (Case c : all_cases()) {
+    const bool bounded = c.relpos && !c.pv_int8 && c.bias == Bias::kNone && c.k_scale != Scale::kPerToken &&
+                         (c.v_dtype == DType::kFloat16 || c.v_dtype == DType::kBFloat16);
+    if (!bounded) continue;
+    c.name = "stream_" + c.name;
+    cs.push_back(c);
+  }
+  Case c;
+  c.name = "stream_relpos_large_window";
+  c.relpos = true;
+  c.wh = 64;
+  c.ww = 129;
+  c.prefix = 1;
+  c.Nq = c.Nk = 1 + 64 * 129;
+  c.H = 1;
+  c.q_scale = c.k_scale = Scale::kPerHead;
+  c.seed = 990;
+  cs.push_back(c);
+  return cs;
+}
+
+class AttentionFwdRelPosStream : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionFwdRelPosStream, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
+  ScopedEnv stream("BINFORMER_FWD_RELPOS_STREAM", "1");
+  const Case& c = GetParam();
+  SCOPED_TRACE(describe(c));
+  AttentionFwdCase t(c);
+  const RunOutput r = t.run();
+  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
+  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
+  t.check_prepass(r);
+  t.check(r);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdRelPosStream, ::testing::ValuesIn(relpos_stream_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name + "_" + std::to_string(info.index);
+                         });
+
 // Same inputs, same bits: no atomics or order-dependent reductions in the forward pass.
 TEST(AttentionFwdDeterminism, RunToRunIdentical) {
   FWD_REQUIRE_GPU();

@@ -65,6 +65,11 @@ struct FwdArgs {
   bool relpos_in_smem;  // the head's table is copied to shared memory (else read through L1)
   const float* relpos_range;  // [H][2] (max, min) of each head's table, from the K pre-pass
   int relpos_window;          // bounded kernels: floats of the largest per-block table window
+  // Bounded kernels, windows too large for shared memory: each key tile's stage holds only the
+  // table rows that tile needs with the block's rows (relpos_slice floats at most), streamed
+  // with the tile; the window then holds only the 3 cls entries.
+  bool relpos_stream;
+  int relpos_slice;
 
   bool causal;
   const float* v_dequant;  // [B,H,Dv] (pv_int8)

@@ -110,6 +110,17 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   int rel_mult[kRelPos ? kRows : 1];
   float rel_cls_col[kRelPos ? kRows : 1];
   int rel_len;  // patch entries of this block's table window (then the 3 cls entries)
+  // The rel_base of the current key tile (+ the tile's slice shift when streaming, patch rows),
+  // the z-unit conversion addend of streamed slices, and the last byte address of the tile's
+  // table entries (masked keys past Nk have off_j = 0, which may lie past a streamed slice).
+  uint32_t rel_tile[kRelPos ? kRows : 1];
+  float rel_zadd;
+  uint32_t rel_last;
+  // Streamed: the block's patch grid rows, 1 / Ww, and the slice of each stage's tile (set when
+  // the tile's copies are issued, read when they are converted and used).
+  int rel_y_lo, rel_y_hi;
+  float rel_inv_ww;
+  int rel_slice_first[kRelPos ? Tr::kStages : 1], rel_slice_len[kRelPos ? Tr::kStages : 1];
 
   __device__ __forceinline__ FwdBoundedBlock(const FwdArgs& args, unsigned char* smem_base)
       : Base(args, smem_base) {}
@@ -135,7 +146,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     if (a.causal) first_masked = min(first_masked, m0 / kBlockN);
 
     // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
-    if constexpr (kRelPos) issue_table_window(tid);
+    if constexpr (kRelPos) {
+      if (a.relpos_stream) relpos_stream_init();
+      issue_table_window(tid);
+    }
 #pragma unroll
     for (int s = 0; s < Tr::kStages - 1; ++s) {
       if (s < n_tiles) load_tile_checked(s, n_tiles - 1 - s, tid, first_masked);
@@ -154,6 +168,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait<Tr::kStages - 2>();
+      if constexpr (kRelPos) relpos_tile(tid, it % Tr::kStages);
       __syncthreads();  // tile `it` landed for every thread; stage (it-1) % kStages is free
       const int next = it + Tr::kStages - 1;
       if (next < n_tiles) load_tile_checked(next % Tr::kStages, n_tiles - 1 - next, tid, first_masked);
@@ -190,6 +205,30 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     this->epilogue();
   }
 
+  // Rel-pos per key tile: rel_tile / rel_last for the tile; streamed, each thread also converts
+  // the slice entries it copied itself (its copies of this tile are complete after the wait) to
+  // z units; the barrier after this publishes them.
+  __device__ __forceinline__ void relpos_tile(int tid, int stage) {
+    if (!a.relpos_stream) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) rel_tile[r] = rel_base[r];
+      rel_last = 0xFFFFFFFFu;
+      return;
+    }
+    RelPosWindow w{0, 0};
+#pragma unroll
+    for (int s = 0; s < Tr::kStages; ++s) {
+      if (s == stage) w = RelPosWindow{rel_slice_first[s], rel_slice_len[s]};
+    }
+    float* slice = reinterpret_cast<float*>(smem + relpos_slice_offset(stage));
+    for (int idx = tid; idx < w.len; idx += kThreads) slice[idx] = fmaf(slice[idx], kLog2e, rel_zadd);
+    const uint32_t at = smem_u32(slice);
+    const uint32_t shift = at - 4u * uint32_t(w.first);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) rel_tile[r] = rel_base[r] + (rel_mult[r] != 0 ? shift : 0u);
+    rel_last = at + 4u * uint32_t(max(w.len, 1) - 1);
+  }
+
   // ============================================================================== loads
   // One key tile: K bits (the k128 kernels know k_words = 4: 16-byte rows), the column
   // constants, the rel-pos column offsets, V (rows past Nk zero-filled only in masked tiles).
@@ -224,6 +263,21 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         cp_async_16(st_addr + Tr::kOffRelOff + c * 16, a.relpos_off + key0 + 4 * c, 16);
       }
     });
+    if constexpr (kRelPos) {
+      if (a.relpos_stream) {
+        const RelPosWindow w = relpos_slice(n_tile);
+#pragma unroll
+        for (int s = 0; s < Tr::kStages; ++s) {  // (registers: no dynamically indexed array)
+          if (s == stage) {
+            rel_slice_first[s] = w.first;
+            rel_slice_len[s] = w.len;
+          }
+        }
+        const float* table = a.relpos_table + int64_t(h) * a.relpos_table_stride_h + w.first;
+        const uint32_t dst = smem_u32(smem) + relpos_slice_offset(stage);
+        for (int idx = tid; idx < w.len; idx += kThreads) cp_async_4(dst + 4u * uint32_t(idx), table + idx);
+      }
+    }
     const char* v_head = static_cast<const char*>(a.v) +
                          (int64_t(b) * a.v_stride[0] + int64_t(h) * a.v_stride[1]) * 2;
     const int64_t v_row_bytes = a.v_stride[2] * 2;
@@ -281,6 +335,36 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     });
   }
 
+  // Streamed rel-pos (a.relpos_stream): the table entries key tile n_tile needs with this
+  // block's rows: table rows (y_i - y_j + Wh - 1) for the block's patch rows y_lo..y_hi and the
+  // tile's patch keys' rows yk_lo..yk_hi, i.e. entries [first, first + len). The stage's slice
+  // sits at kSmemFixed + 16 + stage * slice bytes (after the 3 cls entries).
+  __device__ __forceinline__ void relpos_stream_init() {
+    const int ww = a.relpos_ww, pre = a.relpos_prefix;
+    const int first_row = max(m0, pre), last_row = min(m0 + kBlockM, a.Nq) - 1;
+    rel_y_lo = first_row <= last_row ? (first_row - pre) / ww : 0;
+    rel_y_hi = first_row <= last_row ? (last_row - pre) / ww : -1;  // no patch row: empty slices
+    rel_inv_ww = 1.0f / float(ww);
+  }
+  // n / Ww for 0 <= n < 2^23 without an integer division (float estimate, one correction each way).
+  __device__ __forceinline__ int div_ww(int n) const {
+    int q = int(float(n) * rel_inv_ww);
+    q -= q * a.relpos_ww > n ? 1 : 0;
+    q += (q + 1) * a.relpos_ww <= n ? 1 : 0;
+    return q;
+  }
+  __device__ __forceinline__ RelPosWindow relpos_slice(int n_tile) const {
+    const int ww = a.relpos_ww, pre = a.relpos_prefix, wh = a.relpos_wh;
+    const int k_lo = max(n_tile * kBlockN, pre), k_hi = min(n_tile * kBlockN + kBlockN, a.Nk) - 1;
+    if (rel_y_hi < rel_y_lo || k_lo > k_hi) return RelPosWindow{0, 0};
+    const int yk_lo = div_ww(k_lo - pre), yk_hi = div_ww(k_hi - pre);
+    return RelPosWindow{(rel_y_lo - yk_hi + wh - 1) * (2 * ww - 1),
+                        (rel_y_hi - rel_y_lo + yk_hi - yk_lo + 1) * (2 * ww - 1)};
+  }
+  __device__ __forceinline__ uint32_t relpos_slice_offset(int stage) const {
+    return uint32_t(Tr::kSmemFixed + 16 + stage * ((a.relpos_slice * 4 + 15) / 16 * 16));
+  }
+
   // wgmma V tile at Dv = 72..128 (WgmmaVLayout: column blocks of W chunks, swizzled by key % 8):
   // thread t < 8 * kVChunks copies chunk t / 8 of the keys t % 8 + 8 q, q = 0 .. kBlockN / 8 - 1.
   // The 8 lanes of a quarter warp write the 8 keys of one chunk, which the layout puts in 8
@@ -316,12 +400,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   __device__ __forceinline__ void issue_table_window(int tid) {
     const RelPosWindow w = fwd_relpos_window(m0, kBlockM, a.Nq, a.relpos_prefix, a.relpos_wh,
                                              a.relpos_ww);
-    rel_len = w.len;
+    rel_len = a.relpos_stream ? 0 : w.len;  // streamed: the 3 cls entries only
     const float* table = a.relpos_table + int64_t(h) * a.relpos_table_stride_h;
     const uint32_t dst = smem_u32(smem + Tr::kSmemFixed);
     const int tsize = a.relpos_table_size;
-    for (int idx = tid; idx < w.len + 3; idx += kThreads) {
-      const int entry = idx < w.len ? w.first + idx : tsize - 3 + (idx - w.len);
+    for (int idx = tid; idx < rel_len + 3; idx += kThreads) {
+      const int entry = idx < rel_len ? w.first + idx : tsize - 3 + (idx - rel_len);
       cp_async_4(dst + 4u * uint32_t(idx), table + entry);
     }
     cp_async_commit();
@@ -353,6 +437,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       cp_async_wait<Tr::kStages - 1>();
       float* tab = reinterpret_cast<float*>(smem + Tr::kSmemFixed);
       const float add = kTop - rmax2;
+      rel_zadd = add;
       for (int idx = tid; idx < rel_len + 3; idx += kThreads) tab[idx] = fmaf(tab[idx], kLog2e, add);
     }
     __syncthreads();
@@ -403,8 +488,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         if (i >= a.relpos_prefix) {
           const int p = i - a.relpos_prefix, y = p / ww, x = p % ww;
           const RelPosWindow w = fwd_relpos_window(m0, kBlockM, a.Nq, a.relpos_prefix, wh, ww);
-          const int entry = (y + wh - 1) * (2 * ww - 1) + x + ww - 1 - w.first;
-          rel_base[r] = tab_addr + 4u * uint32_t(entry);
+          // streamed: the full-table entry; the tile's slice shift is added per tile
+          const int entry = (y + wh - 1) * (2 * ww - 1) + x + ww - 1 - (a.relpos_stream ? 0 : w.first);
+          rel_base[r] = (a.relpos_stream ? 0u : tab_addr) + 4u * uint32_t(entry);
           rel_mult[r] = -4;
           rel_cls_col[r] = tab[rel_len + 1];
         } else {  // the cls row: entry T-3 for every patch key, T-1 for the cls key
@@ -502,7 +588,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         const float y = __int_as_float(bits) + ((e & 1) ? cc.y : cc.x);
         float add = row_add[r];
         if constexpr (kRelPos) {
-          add = lds_f32(rel_base[r] + uint32_t(rel_mult[r] * ((e & 1) ? off.y : off.x)));
+          uint32_t at = rel_tile[r] + uint32_t(rel_mult[r] * ((e & 1) ? off.y : off.x));
+          if (kMask) at = min(at, rel_last);  // keys past Nk (off 0): any entry, masked below
+          add = lds_f32(at);
           if ((e & 1) == 0 && nb == 0) add = cls_key ? rel_cls_col[r] : add;
         }
         float x = fmaf(y, rowscale[r], add);

@@ -44,6 +44,23 @@ cudaError_t launch_attention_fwd(FwdArgs args, cudaStream_t stream) {
   return launch_kernel<Tr>(attention_fwd_kernel<Tr, kPerTokenK>, args, smem, stream);
 }
 
+// Rel-pos in the bounded kernels: the block's whole table window in shared memory, or, when that
+// exceeds kBoundedRelPosWindowCapBytes (or BINFORMER_FWD_RELPOS_STREAM=1 asks for it, read at every
+// call: A/B and tests), per key tile only the table rows that tile needs (streamed with the tile,
+// kernel_bounded.h relpos_slice): at most (block_m - 1) / Ww + (block_n - 1) / Ww + 3 table rows.
+inline bool fwd_relpos_stream_requested() {
+  const char* env = std::getenv("BINFORMER_FWD_RELPOS_STREAM");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+inline int relpos_slice_floats(const FwdArgs& args, int block_m, int block_n) {
+  const int ww = args.relpos_ww;
+  return ((block_m - 1) / ww + (block_n - 1) / ww + 3) * (2 * ww - 1);
+}
+inline size_t fwd_bounded_relpos_smem(const FwdArgs& args, int stages) {
+  if (args.relpos_stream) return 16 + size_t(stages) * ((size_t(args.relpos_slice) * sizeof(float) + 15) / 16 * 16);
+  return (size_t(args.relpos_window) * sizeof(float) + 15) / 16 * 16;
+}
+
 // Floats of the largest rel-pos window (plus the 3 cls entries) over the blocks of kBlockM rows.
 inline int relpos_window_floats(const FwdArgs& args, int block_m) {
   int most = 0;
@@ -100,7 +117,7 @@ bool fwd_kernel_has_sm90_code(Kernel kernel) {
 template <class Tr>
 cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
-  if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * sizeof(float) + 15) / 16 * 16;
+  if (Tr::kBoundedRelPos) smem += fwd_bounded_relpos_smem(args, Tr::kStages);
   if constexpr (Tr::kWgmma) {
     static const bool has_code = fwd_kernel_has_sm90_code(attention_fwd_bounded_wgmma_kernel<Tr>);
     if (!has_code) return cudaErrorNotSupported;  // the caller falls back to mma.sync
@@ -138,11 +155,17 @@ cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
 template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos>
 cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
   using Probe = FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos>;
+  args.relpos_stream = false;
   if (kRelPos) {
     args.relpos_window = relpos_window_floats(args, Probe::kBlockM);
-    if (size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes)) {
-      launched = false;
-      return cudaSuccess;
+    if (fwd_relpos_stream_requested() ||
+        size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes)) {
+      args.relpos_stream = true;
+      args.relpos_slice = relpos_slice_floats(args, Probe::kBlockM, Probe::kBlockN);
+      if (fwd_bounded_relpos_smem(args, Probe::kStages) > size_t(kBoundedRelPosWindowCapBytes)) {
+        launched = false;  // (grids wider than ~2700 patches) the online bias kernel
+        return cudaSuccess;
+      }
     }
   }
   launched = true;

@@ -42,6 +42,7 @@ struct Case {
   double a_lo = 0.2, a_hi = 2.0;
   bool negative = false;
   bool relpos = false;
+  bool relpos_stream = false;  // bounded kernels: per-tile table slices instead of the window
   int wh = 0, ww = 0, prefix = 0;
   double table_sigma = 1.0;
   int copy_q_every = 0;  // > 0: key j = query j's signs for j % copy_q_every == 0 (dot = d)
@@ -79,7 +80,15 @@ template <class Tr>
 void launch(FwdArgs args) {
   args.num_m_blocks = (args.Nq + Tr::kBlockM - 1) / Tr::kBlockM;
   size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
-  if (Tr::kBoundedRelPos) smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
+  if (Tr::kBoundedRelPos) {  // as launch.h's fwd_bounded_relpos_smem
+    if (args.relpos_stream) {
+      args.relpos_slice = ((Tr::kBlockM - 1) / args.relpos_ww + (Tr::kBlockN - 1) / args.relpos_ww + 3) *
+                          (2 * args.relpos_ww - 1);
+      smem += 16 + size_t(Tr::kStages) * ((size_t(args.relpos_slice) * 4 + 15) / 16 * 16);
+    } else {
+      smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
+    }
+  }
   bwd_emulation::launch(entry<Tr>, unsigned(args.num_m_blocks * args.B * args.H), unsigned(Tr::kThreads),
                         smem, args);
 }
@@ -289,6 +298,7 @@ bool run_case(const Case& c) {
     int most = 0;
     for (int m0 = 0; m0 < Nq; m0 += bm) most = std::max(most, fwd_relpos_window(m0, bm, Nq, c.prefix, c.wh, c.ww).len);
     args.relpos_window = most + 3;
+    args.relpos_stream = c.relpos_stream;
   }
   args.causal = c.causal;
   if (c.bf16) {
@@ -415,6 +425,22 @@ int main(int argc, char** argv) {
     v.name = "wgmma_d128_dv128_relpos"; v.d = 128; v.dv = 128; v.relpos = true; v.wh = 10; v.ww = 13;
     v.prefix = 1; v.Nq = v.Nk = 131; v.scale_mult = 1.0; wg.push_back(v);
     for (Case& w : wg) add(w);
+  }
+  {  // streamed rel-pos slices (launch.h: windows above 64 KB, or BINFORMER_FWD_RELPOS_STREAM=1) on
+     // every bounded / wgmma rel-pos case, plus a wide grid whose blocks span several grid rows
+    std::vector<Case> st;
+    for (const Case& c : cases) {
+      if (!c.relpos || (c.kernel != Kernel::kBounded && c.kernel != Kernel::kWgmma)) continue;
+      Case s2 = c;
+      s2.relpos_stream = true;
+      s2.name = "stream_" + c.name;
+      st.push_back(s2);
+    }
+    Case w; w.kernel = Kernel::kWgmma; w.name = "stream_wgmma_relpos_6x40"; w.relpos = true; w.relpos_stream = true;
+    w.wh = 6; w.ww = 40; w.prefix = 1; w.Nq = w.Nk = 241; st.push_back(w);
+    w.kernel = Kernel::kBounded; w.name = "stream_relpos_30x7_causal"; w.wh = 30; w.ww = 7; w.prefix = 0;
+    w.Nq = w.Nk = 210; w.causal = true; st.push_back(w);
+    for (Case& c : st) add(c);
   }
   bool all = true;
   for (const Case& c : cases) {

@@ -90,6 +90,9 @@ inline uint32_t smem_u32(const void* p) {
 }
 inline unsigned char* smem_ptr(uint32_t addr) {
   if (addr < kEmulatedSmemAddrBase) std::abort();
+  // past the block's dynamic shared memory (an out-of-range address faults on the GPU)
+  const auto& mem = bwd_emulation::tl_cta->smem;
+  if (fwd_emulation::smem_base() + (addr - kEmulatedSmemAddrBase) >= mem.data() + mem.size()) std::abort();
   return fwd_emulation::smem_base() + (addr - kEmulatedSmemAddrBase);
 }
 
