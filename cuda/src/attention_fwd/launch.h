@@ -45,12 +45,14 @@ cudaError_t launch_attention_fwd(FwdArgs args, cudaStream_t stream) {
 }
 
 // Rel-pos in the bounded kernels: the block's whole table window in shared memory, or, when that
-// exceeds kBoundedRelPosWindowCapBytes (or BINFORMER_FWD_RELPOS_STREAM=1 asks for it, read at every
-// call: A/B and tests), per key tile only the table rows that tile needs (streamed with the tile,
-// kernel_bounded.h relpos_slice): at most (block_m - 1) / Ww + (block_n - 1) / Ww + 3 table rows.
-inline bool fwd_relpos_stream_requested() {
+// exceeds kBoundedRelPosWindowCapBytes, per key tile only the table rows that tile needs (streamed
+// with the tile, kernel_bounded.h relpos_slice): at most (block_m - 1) / Ww + (block_n - 1) / Ww + 3
+// table rows. BINFORMER_FWD_RELPOS_STREAM (read at every call; A/B and tests): 1 streams every
+// rel-pos call, 0 never (windows above the cap then run the online bias kernel, as before v6).
+inline int fwd_relpos_stream_mode() {
   const char* env = std::getenv("BINFORMER_FWD_RELPOS_STREAM");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  if (env == nullptr) return -1;
+  return std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "0") == 0 ? 0 : -1;
 }
 inline int relpos_slice_floats(const FwdArgs& args, int block_m, int block_n) {
   const int ww = args.relpos_ww;
@@ -158,8 +160,13 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
   args.relpos_stream = false;
   if (kRelPos) {
     args.relpos_window = relpos_window_floats(args, Probe::kBlockM);
-    if (fwd_relpos_stream_requested() ||
-        size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes)) {
+    const int stream_mode = fwd_relpos_stream_mode();
+    const bool too_big = size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes);
+    if (too_big && stream_mode == 0) {
+      launched = false;
+      return cudaSuccess;
+    }
+    if (stream_mode == 1 || too_big) {
       args.relpos_stream = true;
       args.relpos_slice = relpos_slice_floats(args, Probe::kBlockM, Probe::kBlockN);
       if (fwd_bounded_relpos_smem(args, Probe::kStages) > size_t(kBoundedRelPosWindowCapBytes)) {
