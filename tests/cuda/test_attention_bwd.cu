@@ -347,12 +347,19 @@ TEST(AttentionBwd, MainPassV2Narrow) {
   run_main_pass_v2_variant(true, true);
 }
 
-// BINFORMER_BWD_MAIN_WGMMA=1: dV on wgmma at hdim 64 (sm_90 devices with sm_90a code; elsewhere
+// BINFORMER_BWD_MAIN_WGMMA=1: dV on wgmma at hdim 64, =2: dV and dP (sm_90 devices with sm_90a code; elsewhere
 // the switch falls back to the other kernels, so this repeats MainPassV2Shapes there).
 TEST(AttentionBwd, MainPassV2Wgmma) {
   BF_REQUIRE_GPU();
-  const ScopedEnv env("BINFORMER_BWD_MAIN_WGMMA", true);
+  {
+    const ScopedEnv env("BINFORMER_BWD_MAIN_WGMMA", true);
+    run_main_pass_v2_variant(false, false);
+  }
+  if (HasFailure()) return;
+  // =2: dP on wgmma as well.
+  setenv("BINFORMER_BWD_MAIN_WGMMA", "2", 1);
   run_main_pass_v2_variant(false, false);
+  unsetenv("BINFORMER_BWD_MAIN_WGMMA");
 }
 
 TEST(AttentionBwd, RejectsBadArguments) {
@@ -369,7 +376,7 @@ TEST(AttentionBwd, RejectsBadArguments) {
 // pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64);
 // BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3 or with
 // BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape); BINFORMER_BWD_MAIN_WGMMA=1 the
-// sm_90a kernel with dV on wgmma (hdim 64). Not a pass/fail test: run with
+// sm_90a kernel with dV on wgmma (hdim 64), =2 dV and dP on wgmma. Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {

@@ -31,14 +31,18 @@
 
 namespace binformer::cuda::bwd::tc {
 
-template <class T, int kHdim, bool kPipe = false, bool kNarrow = false, bool kWgmma = false>
+template <class T, int kHdim, bool kPipe = false, bool kNarrow = false, int kWgmma = 0>
 struct MainTraits {
   static_assert(kHdim == 64 || kHdim == 128, "v2 main pass: head-dim buckets 64 and 128");
   // kWgmma (BINFORMER_BWD_MAIN_WGMMA=1, sm_90a, hdim 64, pipelined, 2 m-tiles): dV += P^T dO on
   // wgmma.m64n64k16 (A = P from registers, B = the chunk's 16 dO rows from shared memory in the
   // 128-byte-swizzled MN-major layout, asynchronous). The CTA's 4 warps are one warpgroup, and
   // m-tile mt of warp w holds keys mt * 64 + 16 w.. (the wgmma row map) instead of 32 w + 16 mt...
+  // kWgmma = 2 (BINFORMER_BWD_MAIN_WGMMA=2): dP = V dO^T on wgmma too (m64n16k16, A = V and B =
+  // the chunk's dO rows, both K-major from shared memory with the 128-byte swizzle), so the V
+  // fragments leave the registers and the 16 dP HMMAs per chunk and warp become 8 wgmmas.
   static_assert(!kWgmma || (kHdim == 64 && kPipe && !kNarrow), "wgmma: the pipelined 2-m-tile hdim-64 kernel");
+  static constexpr bool kWgmmaDp = kWgmma >= 2;
   // 16-key m-tiles per warp (dV: registers): 2 at hdim 64 (4 warps per CTA), 1 otherwise. kNarrow
   // (BINFORMER_BWD_MAIN_NARROW=1, hdim 64): 1 m-tile, 8 warps per CTA, <= 128 registers, so
   // 2 CTAs = 16 warps per SM (twice the warps to hide latency, twice the shared-memory reads of
@@ -72,7 +76,8 @@ struct MainTraits {
   // dO rows in shared memory: kStride (skewed) or, for wgmma, 64 elements = 128 bytes with the
   // 16-byte pieces swizzled (piece c of row r at c ^ (r % 8)), every tile on a 1024-byte boundary.
   static constexpr int kDoStride = kWgmma ? 64 : kStride;
-  static constexpr size_t kVBytes = size_t(kRows) * kStride * sizeof(T);
+  static constexpr int kVStride = kWgmmaDp ? 64 : kStride;  // V rows (wgmma dP: swizzled too)
+  static constexpr size_t kVBytes = size_t(kRows) * kVStride * sizeof(T);
   static constexpr size_t kDoBytes = size_t(kCols) * kDoStride * sizeof(T);
   static_assert(!kWgmma || (kVBytes % 1024 == 0 && kDoBytes % 1024 == 0), "1024-byte aligned dO tiles");
   static constexpr size_t kBitsBytes = size_t(kCols) * kBitWords * 4;
@@ -119,7 +124,15 @@ __device__ __forceinline__ uint64_t wgmma_do_desc(uint32_t addr) {
          (uint64_t(1) << 62);
 }
 
-template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false, bool kWgmma = false>
+// K-major operand with the 128-byte swizzle (rows of 64 16-bit elements = 128 bytes, piece c of
+// row r at c ^ (r % 8)) starting at shared address `addr` (a multiple of 1024): SBO = 1024 (the
+// next 8 rows), LBO unused for swizzled K-major layouts (encoded 1), mode 128B. The k16 slice
+// ks of the 64-element rows starts 32 ks bytes further: + 2 ks in the start-address field.
+__device__ __forceinline__ uint64_t wgmma_kmajor_desc(uint32_t addr) {
+  return uint64_t((addr >> 4) & 0x3FFFu) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false, int kWgmma = 0>
 __global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>::kThreads, kMinBlocks)
 attention_bwd_main_kernel(const BwdArgs a) {
   using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
@@ -160,7 +173,8 @@ attention_bwd_main_kernel(const BwdArgs a) {
   for (int e = tid; e < Tr::kRows * kVec; e += Tr::kThreads) {
     const int r = e / kVec, ch = (e - r * kVec) * 8;
     const bool ok = row0 + r < a.Nk && ch < dv;
-    cp_async_16(v_smem + r * Tr::kStride + ch, ok ? v_gmem + (row0 + r) * a.v_stride[2] + ch : v_gmem, ok);
+    const int dst = Tr::kWgmmaDp ? r * Tr::kVStride + (((ch >> 3) ^ (r & 7)) << 3) : r * Tr::kVStride + ch;
+    cp_async_16(v_smem + dst, ok ? v_gmem + (row0 + r) * a.v_stride[2] + ch : v_gmem, ok);
   }
   if constexpr (kPipe) {  // the zero dO rows of the pipeline's initial (empty) pending chunk
     uint32_t* z = reinterpret_cast<uint32_t*>(smem + Tr::kOffZero);
@@ -271,7 +285,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
   // V fragments (A operand of dP = V dO^T), kept in registers for the whole pass.
   uint32_t vfrag[kM][Tr::kDvSteps][4];
 #pragma unroll
-  for (int mt = 0; mt < kM; ++mt) {
+  for (int mt = 0; mt < (Tr::kWgmmaDp ? 0 : kM); ++mt) {
     const T* vw = v_smem + (tile_key(mt) + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kStride + (lane >> 4) * 8;
 #pragma unroll
     for (int ks = 0; ks < Tr::kDvSteps; ++ks) ldmatrix_x4(vfrag[mt][ks], vw + ks * 16);
@@ -407,6 +421,32 @@ attention_bwd_main_kernel(const BwdArgs a) {
             for (int e = 0; e < 4; ++e) s_x[mt][nt][e] = __int_as_float(pc[e]) - dot_offset;
           }
         }
+        // kWgmma = 2: dP - D = V dO^T - D on wgmma, issued before the exps (which it does not
+        // need) and retired before dS: per m-tile 4 k16 steps of m64n16k16, the accumulator
+        // seeded with -D.
+        float w_dp[kM][2][4];
+        (void)w_dp;
+        if constexpr (Tr::kWgmmaDp) {
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) w_dp[mt][nt][e] = minus_d[nt][e];
+            }
+          }
+          const uint64_t desc_b = wgmma_kmajor_desc(smem_addr(ys + kc * 16 * Tr::kDoStride));
+          wgmma_fence();
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            const uint64_t desc_a = wgmma_kmajor_desc(smem_addr(v_smem + mt * 64 * Tr::kVStride));
+#pragma unroll
+            for (int ks = 0; ks < Tr::kDvSteps; ++ks) {
+              wgmma_m64n16k16_ss<T>(w_dp[mt], desc_a + 2 * ks, desc_b + 2 * ks);
+            }
+          }
+          wgmma_commit();
+        }
         // The pending chunk's back half (kPipe), independent of everything above and below.
         if constexpr (kPipe) chunk_back(pend_pa, pend_col, pend_ys, pend_cs);
         // P = 2^(dot/2 f_i b_j - lse_i log2e), zero where masked.
@@ -453,8 +493,23 @@ attention_bwd_main_kernel(const BwdArgs a) {
         // guard: V and dO are zero past Dv in shared memory, and a runtime test here would split
         // the chunk into basic blocks (v1 paid that per element).
         float s_dp[kM][2][4];
+        if constexpr (Tr::kWgmmaDp) {
+          // retire the dP group (issued before the exps); the dV group may still run
+          wgmma_wait<1>();
 #pragma unroll
-        for (int ks = 0; ks < Tr::kDvSteps; ++ks) {
+          for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                s_dp[mt][nt][e] = w_dp[mt][nt][e];
+                reg_fence(s_dp[mt][nt][e]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int ks = 0; ks < (Tr::kWgmmaDp ? 0 : Tr::kDvSteps); ++ks) {
           uint32_t yb[4];
           ldmatrix_x4(yb, ys + kc * 16 * Tr::kDoStride + do_off + do_piece(ks));
 #pragma unroll
@@ -581,9 +636,9 @@ inline bool main_narrow_knob() {
 // BINFORMER_BWD_MAIN_WGMMA=1: the sm_90a kernel with dV on wgmma (MainTraits::kWgmma; implies
 // the pipelined 2-m-tile shape at hdim 64; overrides PIPE / NARROW / MIN_BLOCKS there). Read on
 // every launch; pending device verification.
-inline bool main_wgmma_knob() {
+inline int main_wgmma_knob() {  // 0, 1 (dV on wgmma) or 2 (dV and dP)
   const char* e = std::getenv("BINFORMER_BWD_MAIN_WGMMA");
-  return e != nullptr && e[0] == '1';
+  return e == nullptr ? 0 : e[0] == '1' ? 1 : e[0] == '2' ? 2 : 0;
 }
 
 }  // namespace binformer::cuda::bwd::tc
@@ -600,7 +655,7 @@ inline int main_min_blocks_knob() {
   return v;
 }
 
-template <class T, int kHdim, bool kPipe, bool kNarrow, bool kWgmma = false>
+template <class T, int kHdim, bool kPipe, bool kNarrow, int kWgmma = 0>
 cudaError_t launch_main_v2_variant(const BwdArgs& a, cudaStream_t stream) {
   using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
   const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
@@ -656,12 +711,16 @@ bool kernel_has_sm90a_code(Kernel kernel) {
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
   if constexpr (kHdim <= 64) {
-    using W = MainTraits<T, kHdim, true, false, true>;
-    if (main_wgmma_knob() && device_is_sm90() && fits_per_sm(W::kSmemBytes, W::kMinBlocks)) {
+    using W = MainTraits<T, kHdim, true, false, 1>;
+    const int wg = main_wgmma_knob();
+    if (wg != 0 && device_is_sm90() && fits_per_sm(W::kSmemBytes, W::kMinBlocks)) {
       // (one query per process and instantiation: the loaded binary does not change)
       static const bool has_code =
-          kernel_has_sm90a_code(attention_bwd_main_kernel<T, kHdim, W::kMinBlocks, true, false, true>);
-      if (has_code) return launch_main_v2_variant<T, kHdim, true, false, true>(a, stream);
+          kernel_has_sm90a_code(attention_bwd_main_kernel<T, kHdim, W::kMinBlocks, true, false, 1>);
+      if (has_code) {
+        return wg == 2 ? launch_main_v2_variant<T, kHdim, true, false, 2>(a, stream)
+                       : launch_main_v2_variant<T, kHdim, true, false, 1>(a, stream);
+      }
     }
   }
   // The pipelined kernel only where it keeps the unpipelined kernel's CTAs per SM (its 3-stage

@@ -176,5 +176,30 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint3
 #endif
 }
 
+// D(64 x 16, f32) += A(64 x 16) B(16 x 16), both from shared memory, K-major (imm-trans-a =
+// imm-trans-b = 0): dP = V dO^T with rows of V (keys) and of dO (queries) along K = channels.
+template <class T>
+__device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+#if defined(BINFORMER_BWD_WGMMA_CODE)
+#define BINFORMER_BWD_WGMMA_SS_ASM(TYPE)                                                        \
+  asm volatile(                                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                              \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " "                           \
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"                           \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+        "+f"(d[1][2]), "+f"(d[1][3])                                                            \
+      : "l"(desc_a), "l"(desc_b), "n"(1))
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    BINFORMER_BWD_WGMMA_SS_ASM("bf16");
+  } else {
+    BINFORMER_BWD_WGMMA_SS_ASM("f16");
+  }
+#undef BINFORMER_BWD_WGMMA_SS_ASM
+#else
+  (void)d; (void)desc_a; (void)desc_b;
+  __trap();
+#endif
+}
+
 }  // namespace binformer::cuda::bwd::tc
 #endif  // !BINFORMER_BWD_HOST_EMULATION

@@ -316,10 +316,14 @@ inline const unsigned char* smem_ptr(uint32_t addr) {
 #define BINFORMER_BWD_WGMMA_CODE 1
 namespace wgmma_emulation {
 struct Op {
-  float* d;         // the thread's 32 accumulator registers
-  double a[2][16];  // rows g and g + 8 of the warp's A, k = 0..15
-  uint64_t desc;
+  float* d;         // the thread's n / 2 accumulator registers
+  double a[2][16];  // rows g and g + 8 of the warp's A, k = 0..15 (register A)
+  uint64_t desc;    // B (register A); A when a_from_smem, with desc_b for B
   bool bf16;
+  int n = 64;
+  bool a_from_smem = false;  // the SS form: A and B K-major in shared memory
+  uint64_t desc_b = 0;
+  unsigned warp_in_group = 0;
 };
 inline thread_local std::vector<Op> open_ops;
 inline thread_local std::vector<std::vector<Op>> groups;  // committed, oldest first
@@ -346,8 +350,42 @@ inline uint32_t b_address_mn_major(uint64_t desc, unsigned k, unsigned n) {
   return addr;
 }
 
+// Byte address of element (row r, k) of a K-major operand (rows along M or N, k contiguous),
+// 16-bit elements. Canonical K-major layouts (T = 8 elements): 128B ((8,m),(T,2k)) :
+// ((8T,SBO),(1,T)); only the 128B mode is emulated (the kernel uses no other K-major form).
+inline uint32_t address_k_major(uint64_t desc, unsigned r, unsigned k) {
+  const uint32_t start = uint32_t(desc & 0x3FFFu) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3FFFu) << 4;
+  const unsigned base_offset = unsigned(desc >> 49) & 7u;
+  const unsigned mode = unsigned(desc >> 62) & 3u;
+  if (base_offset != 0 || mode != 1 || k >= 64) std::abort();
+  uint32_t addr = start + (r % 8) * 128 + (r / 8) * sbo + k * 2;
+  addr ^= ((addr >> 7) & 7u) << 4;
+  return addr;
+}
+
+inline double load_half(uint32_t addr, bool bf16) {
+  uint16_t bits;
+  std::memcpy(&bits, smem_ptr(addr), 2);
+  return bf16 ? binformer::test::bf16_bits_to_double(bits) : binformer::test::half_bits_to_double(bits);
+}
+
 inline void execute(const Op& op) {
-  const unsigned t = bwd_emulation::lane() % 4;
+  const unsigned t = bwd_emulation::lane() % 4, g = bwd_emulation::lane() / 4;
+  if (op.a_from_smem) {
+    for (int i = 0; i < op.n / 8; ++i) {
+      for (int e = 0; e < 4; ++e) {
+        const unsigned row = 16 * op.warp_in_group + g + 8 * (e / 2), col = 8 * i + 2 * t + (e & 1);
+        double sum = 0;
+        for (unsigned k = 0; k < 16; ++k) {
+          sum += load_half(address_k_major(op.desc, row, k), op.bf16) * load_half(address_k_major(op.desc_b, col, k), op.bf16);
+        }
+        op.d[4 * i + e] = float(double(op.d[4 * i + e]) + sum);
+      }
+    }
+    --bwd_emulation::wgmma_ops_in_flight;
+    return;
+  }
   for (int i = 0; i < 8; ++i) {
     for (int e = 0; e < 4; ++e) {
       const unsigned col = 8 * i + 2 * t + (e & 1);
@@ -381,6 +419,29 @@ inline void wgmma_wait() {
   }
 }
 inline void reg_fence(float&) {}
+
+template <class T>
+inline void wgmma_m64n16k16_ss(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  using namespace bwd_emulation;
+  if (!wgmma_emulation::fenced) std::abort();
+  auto& s = slot(tid());
+  s[4] = uint32_t(desc_a); s[5] = uint32_t(desc_a >> 32); s[6] = uint32_t(desc_b); s[7] = uint32_t(desc_b >> 32);
+  warp_sync();
+  const unsigned base = warp_base();
+  for (unsigned l = 0; l < 32; ++l) {  // .aligned: the same descriptors in every lane
+    for (int w = 4; w < 8; ++w) {
+      if (slot(base + l)[w] != s[w]) std::abort();
+    }
+  }
+  warp_sync();
+  wgmma_emulation::Op op{&d[0][0], {}, desc_a, std::is_same<T, __nv_bfloat16>::value};
+  op.n = 16;
+  op.a_from_smem = true;
+  op.desc_b = desc_b;
+  op.warp_in_group = (tid() / 32) % 4;
+  wgmma_emulation::open_ops.push_back(op);
+  ++wgmma_ops_in_flight;
+}
 
 
 template <class T>

@@ -41,9 +41,10 @@ void tc_pass(const BwdArgs& a) {
 
 // Which v2 main-pass variant runs (the device reads BINFORMER_BWD_MAIN_PIPE / _NARROW; here every
 // v2 case runs with each).
-bool g_main_pipe = false, g_main_narrow = false, g_main_wgmma = false;
+bool g_main_pipe = false, g_main_narrow = false;
+int g_main_wgmma = 0;  // 1: dV on wgmma, 2: dV and dP
 
-template <class T, int kHdim, bool kPipe, bool kNarrow, bool kWgmma = false>
+template <class T, int kHdim, bool kPipe, bool kNarrow, int kWgmma = 0>
 void main_v2_variant(const BwdArgs& a) {
   using Tr = tc::MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
   const unsigned blocks = unsigned((a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H);
@@ -55,7 +56,8 @@ void main_v2_variant(const BwdArgs& a) {
 template <class T, int kHdim, bool kPipe>
 void main_v2_pipe(const BwdArgs& a) {
   if constexpr (kHdim <= 64) {
-    if (g_main_wgmma) return main_v2_variant<T, kHdim, true, false, true>(a);
+    if (g_main_wgmma == 2) return main_v2_variant<T, kHdim, true, false, 2>(a);
+    if (g_main_wgmma == 1) return main_v2_variant<T, kHdim, true, false, 1>(a);
     if (g_main_narrow) return main_v2_variant<T, kHdim, kPipe, true>(a);
   }
   main_v2_variant<T, kHdim, kPipe, false>(a);
@@ -132,7 +134,8 @@ bool emulate_attention_bwd(const AttentionBwdParams& p) {
 }
 
 const char* main_v2_label() {
-  if (g_main_wgmma) return "tensor cores, main v2 wgmma dV (pipelined)";
+  if (g_main_wgmma == 2) return "tensor cores, main v2 wgmma dV + dP (pipelined)";
+  if (g_main_wgmma == 1) return "tensor cores, main v2 wgmma dV (pipelined)";
   if (g_main_narrow) return g_main_pipe ? "tensor cores, main v2 narrow pipelined" : "tensor cores, main v2 narrow";
   return g_main_pipe ? "tensor cores, main v2 pipelined" : "tensor cores, main v2";
 }
@@ -294,15 +297,16 @@ int main(int argc, char** argv) {
     // The v2 cases again with the pipelined, narrow (hdim 64), narrow pipelined and wgmma (hdim 64)
     // main pass, on the same problem (same random stream).
     const bool hdim64 = std::max(cases[k].d, cases[k].dv) <= 64;
-    for (int variant = 1; v2 && variant < (hdim64 ? 5 : 2); ++variant) {
+    for (int variant = 1; v2 && variant < (hdim64 ? 6 : 2); ++variant) {
       std::mt19937_64 again = before;
       g_main_pipe = (variant & 1) != 0;
       g_main_narrow = (variant & 2) != 0;
-      g_main_wgmma = variant == 4;
+      g_main_wgmma = variant == 4 ? 1 : variant == 5 ? 2 : 0;
       std::printf("case %zu: ", k);
       ok = run_case(cases[k], again, &v2) && ok;
     }
-    g_main_pipe = g_main_narrow = g_main_wgmma = false;
+    g_main_pipe = g_main_narrow = false;
+    g_main_wgmma = 0;
   }
   return ok ? 0 : 1;
 }
