@@ -79,22 +79,23 @@ inline int relpos_window_floats(const FwdArgs& args, int block_m) {
 // Dv = 64 (any d, causal, rel-pos); measured on the H100 (device run 14, NOTES v4): 4096/64
 // 696 -> 616 us, 16384 2518 -> 2226 us. BINFORMER_FWD_SM90=0 in the environment (read at every
 // call, so that one process can A/B both paths) runs the mma.sync kernels instead.
-// Dv = 72, 80, 96, 128 (v5, not yet measured) take the wgmma path only when asked, until the
-// device run has checked them: BINFORMER_FWD_SM90_WIDE=1 (2 blocks of 8 warps per SM, 128
-// registers) or =2 (1 block per SM, up to 255 registers); unset or 0: mma.sync (read at every call).
+// Dv = 72, 80, 96, 128 (v5) take it too: BINFORMER_FWD_SM90_WIDE unset or 1 = 2 blocks of 8 warps
+// per SM (128 registers), 2 = 1 block per SM (up to 255 registers), 0 = mma.sync (read at every call).
 // BINFORMER_FWD_SM90_LOG=1 prints one line on the first launch of that path.
 inline bool fwd_wgmma_requested() {
   const char* env = std::getenv("BINFORMER_FWD_SM90");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// BINFORMER_FWD_SM90_WIDE: 0 (unset) mma.sync, 1 wgmma at 2 blocks/SM, 2 wgmma at 1 block/SM.
+// BINFORMER_FWD_SM90_WIDE: 0 mma.sync, 1 (unset) wgmma at 2 blocks/SM, 2 wgmma at 1 block/SM.
 inline int fwd_wgmma_wide_mode() {
+  // Default 1 (2 blocks/SM): measured on the H100 (device run 15) DiT 414 -> 293 us and
+  // 4096/128 1337 -> 988 us against mma.sync; 2 (1 block/SM) was slower than mma.sync at DiT.
   const char* env = std::getenv("BINFORMER_FWD_SM90_WIDE");
-  if (env == nullptr) return 0;
-  if (std::strcmp(env, "1") == 0) return 1;
+  if (env == nullptr) return 1;
+  if (std::strcmp(env, "0") == 0) return 0;
   if (std::strcmp(env, "2") == 0) return 2;
-  return 0;
+  return 1;
 }
 
 inline bool fwd_device_is_sm90() {
