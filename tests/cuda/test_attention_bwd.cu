@@ -310,19 +310,27 @@ TEST(AttentionBwd, MainPassV2Shapes) {
 // launch): BINFORMER_BWD_MAIN_PIPE=1 (pipelined chunks, 3-stage ring of query tiles),
 // BINFORMER_BWD_MAIN_NARROW=1 (hdim 64: 1 m-tile per warp, 8 warps per CTA) and both, plus
 // determinism-only cases where many CTAs run per SM and the tile ring wraps many times.
+// BINFORMER_BWD_MAIN_WGMMA is on by default on sm_90 devices with sm_90a code (and then
+// overrides PIPE / NARROW at hdim 64), so the mma.sync variants set it to 0 themselves.
 struct ScopedEnv {
   const char* name;
-  ScopedEnv(const char* n, bool on) : name(n) {
-    if (on) setenv(name, "1", 1);
+  ScopedEnv(const char* n, const char* value) : name(n) {
+    if (value) setenv(name, value, 1);
     else unsetenv(name);
   }
+  ScopedEnv(const char* n, bool on) : ScopedEnv(n, on ? "1" : nullptr) {}
   ~ScopedEnv() { unsetenv(name); }
 };
 
-void run_main_pass_v2_variant(bool pipe, bool narrow) {
+// wgmma: the value of BINFORMER_BWD_MAIN_WGMMA ("0" = the mma.sync kernels; nullptr = the default).
+// wgmma128: the value of BINFORMER_BWD_MAIN_WGMMA128 (hdim-128 bucket on wgmma, opt-in).
+void run_main_pass_v2_variant(bool pipe, bool narrow, const char* wgmma = "0", const char* wgmma128 = nullptr) {
   const ScopedEnv env_pipe("BINFORMER_BWD_MAIN_PIPE", pipe), env_narrow("BINFORMER_BWD_MAIN_NARROW", narrow);
+  const ScopedEnv env_wgmma("BINFORMER_BWD_MAIN_WGMMA", wgmma), env_w128("BINFORMER_BWD_MAIN_WGMMA128", wgmma128);
   SCOPED_TRACE(std::string("BINFORMER_BWD_MAIN_PIPE=") + (pipe ? "1" : "0") +
-               " BINFORMER_BWD_MAIN_NARROW=" + (narrow ? "1" : "0"));
+               " BINFORMER_BWD_MAIN_NARROW=" + (narrow ? "1" : "0") +
+               " BINFORMER_BWD_MAIN_WGMMA=" + (wgmma ? wgmma : "(unset)") +
+               " BINFORMER_BWD_MAIN_WGMMA128=" + (wgmma128 ? wgmma128 : "(unset)"));
   std::mt19937_64 rng(17);
   run_main_pass_v2_shapes(rng);
   if (::testing::Test::HasFailure()) return;
@@ -333,6 +341,18 @@ void run_main_pass_v2_variant(bool pipe, bool narrow) {
   run_case(big, rng);
   big.causal = true; big.v_dtype = DType::kBFloat16; big.Nq = big.Nk = 1500; big.d = big.dv = 128;
   run_case(big, rng);
+  if (wgmma128 != nullptr) {  // the other hdim-128 widths: Dv 80 (DiT's 72 pads to it) and 96
+    big.causal = false; big.v_dtype = DType::kFloat16; big.Nq = big.Nk = 1024; big.d = big.dv = 72;
+    run_case(big, rng);
+    big.d = 128; big.dv = 96;
+    run_case(big, rng);
+  }
+}
+
+// The default v2 kernels with wgmma switched off: what sm_80 and every non-sm_90a case run.
+TEST(AttentionBwd, MainPassV2MmaSync) {
+  BF_REQUIRE_GPU();
+  run_main_pass_v2_variant(false, false);
 }
 
 TEST(AttentionBwd, MainPassV2Pipelined) {
@@ -347,19 +367,16 @@ TEST(AttentionBwd, MainPassV2Narrow) {
   run_main_pass_v2_variant(true, true);
 }
 
-// BINFORMER_BWD_MAIN_WGMMA=1: dV on wgmma at hdim 64, =2: dV and dP (sm_90 devices with sm_90a code; elsewhere
-// the switch falls back to the other kernels, so this repeats MainPassV2Shapes there).
+// BINFORMER_BWD_MAIN_WGMMA=1 (the default: dV on wgmma at hdim 64), =2 (dV and dP) (sm_90 devices
+// with sm_90a code; elsewhere the switch falls back to the other kernels, so this repeats
+// MainPassV2MmaSync there).
 TEST(AttentionBwd, MainPassV2Wgmma) {
   BF_REQUIRE_GPU();
-  {
-    const ScopedEnv env("BINFORMER_BWD_MAIN_WGMMA", true);
-    run_main_pass_v2_variant(false, false);
-  }
+  run_main_pass_v2_variant(false, false, "1");
   if (HasFailure()) return;
-  // =2: dP on wgmma as well.
-  setenv("BINFORMER_BWD_MAIN_WGMMA", "2", 1);
-  run_main_pass_v2_variant(false, false);
-  unsetenv("BINFORMER_BWD_MAIN_WGMMA");
+  run_main_pass_v2_variant(false, false, nullptr);  // unset = the default
+  if (HasFailure()) return;
+  run_main_pass_v2_variant(false, false, "2");  // dP on wgmma as well
 }
 
 TEST(AttentionBwd, RejectsBadArguments) {
@@ -375,8 +392,9 @@ TEST(AttentionBwd, RejectsBadArguments) {
 // Timing of the backward at the SPEC's reference shape. BINFORMER_BWD_MAIN_V1=1 times v1's main
 // pass instead of v2's; BINFORMER_BWD_MAIN_MIN_BLOCKS=3 the 3-CTAs-per-SM build of v2 (hdim 64);
 // BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3 or with
-// BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape); BINFORMER_BWD_MAIN_WGMMA=1 the
-// sm_90a kernel with dV on wgmma (hdim 64), =2 dV and dP on wgmma. Not a pass/fail test: run with
+// BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape; both need
+// BINFORMER_BWD_MAIN_WGMMA=0 on the H100); BINFORMER_BWD_MAIN_WGMMA (default 1 on sm_90a: the
+// kernel with dV on wgmma at hdim 64; 0 off; 2 dV and dP on wgmma). Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {
