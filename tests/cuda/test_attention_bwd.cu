@@ -346,6 +346,12 @@ void run_main_pass_v2_variant(bool pipe, bool narrow, const char* wgmma = "0", c
     run_case(big, rng);
     big.d = 128; big.dv = 96;
     run_case(big, rng);
+    BwdCase c;  // Dv = 96 against the reference (64B-swizzled dO), two key blocks, partial tiles
+    c.B = 1; c.H = 2; c.Nq = 150; c.Nk = 200; c.d = 80; c.dv = 96;
+    c.q_scale = ScaleMode::kPerHead; c.k_scale = ScaleMode::kPerToken;
+    run_case(c, rng);
+    c.v_dtype = DType::kBFloat16; c.causal = true; c.Nq = c.Nk = 333; c.d = 128;
+    run_case(c, rng);
   }
 }
 
@@ -379,6 +385,14 @@ TEST(AttentionBwd, MainPassV2Wgmma) {
   run_main_pass_v2_variant(false, false, "2");  // dP on wgmma as well
 }
 
+// BINFORMER_BWD_MAIN_WGMMA128=1: the hdim-128 bucket on the sm_90a kernel with dV on wgmma at
+// channel widths 80 / 96 / 128 (d = 72 / Dv = 72 runs at 80, Dv = 96 at 96, the rest of the bucket
+// at 128), opt-in until measured. Elsewhere it falls back to the mma.sync kernels.
+TEST(AttentionBwd, MainPassV2Wgmma128) {
+  BF_REQUIRE_GPU();
+  run_main_pass_v2_variant(false, false, nullptr, "1");
+}
+
 TEST(AttentionBwd, RejectsBadArguments) {
   AttentionBwdParams p{};
   p.B = 1; p.H = 1; p.Nq = 4; p.Nk = 4; p.head_dim = 12; p.v_dim = 8;  // d not a multiple of 8
@@ -394,7 +408,8 @@ TEST(AttentionBwd, RejectsBadArguments) {
 // BINFORMER_BWD_MAIN_PIPE=1 the pipelined v2 main pass (combinable with MIN_BLOCKS=3 or with
 // BINFORMER_BWD_MAIN_NARROW=1, the 8-warp 1-m-tile hdim-64 shape; both need
 // BINFORMER_BWD_MAIN_WGMMA=0 on the H100); BINFORMER_BWD_MAIN_WGMMA (default 1 on sm_90a: the
-// kernel with dV on wgmma at hdim 64; 0 off; 2 dV and dP on wgmma). Not a pass/fail test: run with
+// kernel with dV on wgmma at hdim 64; 0 off; 2 dV and dP on wgmma); BINFORMER_BWD_MAIN_WGMMA128=1
+// the hdim-128 bucket (the d = 128 lines) on the wgmma dV kernel. Not a pass/fail test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*AttentionBwdBench*' and compare "hamming"
 // with FlashAttention-2's backward at the same shape (SPEC target: >= 1.5x faster at N >= 1024).
 TEST(AttentionBwdBench, DISABLED_B4H16N4096) {

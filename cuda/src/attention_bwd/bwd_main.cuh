@@ -31,7 +31,53 @@
 
 namespace binformer::cuda::bwd::tc {
 
-template <class T, int kHdim, bool kPipe = false, bool kNarrow = false, int kWgmma = 0>
+// dO tile in shared memory for the wgmma dV (B operand, K = queries, N = Dv channels, MN-major):
+// the canonical layouts of the forward's measured P.V (cuda/src/attention_fwd/pv_wgmma.h,
+// WgmmaVLayout; device runs 13-15 at Dv 64..128), with query rows in place of key rows. T = one
+// 16-byte chunk of 8 channels; the atom is W = 8, 4 or 2 chunks wide (the widest that divides
+// Dv / 8: 64 / 128 -> 128B swizzle, 96 -> 64B, 80 -> 32B):
+//   offset(row r, chunk c) = (c / W) * kCols * 16 W + r * 16 W + ((c % W) ^ swz(r)) * 16,
+//   swz(r) = (r >> (3 - log2 W)) & (W - 1),
+// i.e. m = Dv / (8 W) column blocks of kCols rows of 16 W bytes, every column block starting on
+// a multiple of 1024 bytes. Descriptor: LBO = the column-block stride (1024 when there is only
+// one), SBO = 8 rows (8 * 16 W bytes), swizzle mode 1 / 2 / 3 (128B / 64B / 32B). The swizzle is
+// periodic in r with period 8, so rows r + 8k are the same pattern 8k * 16 W bytes further (the
+// chunk of 16 query rows kc starts kc * 16 * 16 W bytes into every column block). At Dv = 64 this
+// is exactly the hdim-64 layout (piece c of row r at c ^ (r % 8), 128-byte rows).
+template <int kDv, int kRowsPerTile>
+struct DoWgmmaLayout {
+  static constexpr int kChunks = kDv / 8;
+  static constexpr int kW = kChunks % 8 == 0 ? 8 : kChunks % 4 == 0 ? 4 : kChunks % 2 == 0 ? 2 : 1;
+  static constexpr int kLogW = kW == 8 ? 3 : kW == 4 ? 2 : kW == 2 ? 1 : 0;
+  static constexpr int kColumnBlocks = kChunks / kW;
+  static constexpr uint32_t kRowBytes = 16u * kW;
+  static constexpr uint32_t kColumnBlockBytes = uint32_t(kRowsPerTile) * kRowBytes;
+  static constexpr uint32_t kTileBytes = kColumnBlockBytes * kColumnBlocks;
+  static constexpr uint64_t kSwizzleMode = kW == 8 ? 1 : kW == 4 ? 2 : 3;  // 128B / 64B / 32B
+  static constexpr uint32_t kLbo = kColumnBlocks == 1 ? 1024u : kColumnBlockBytes;
+  static constexpr uint32_t kSbo = 8 * kRowBytes;
+  static_assert(kDv % 16 == 0 && kDv >= 64 && kDv <= 128 && kW >= 2, "dO widths 64, 80, 96, 112, 128");
+  static_assert(kColumnBlockBytes % 1024 == 0, "every column block starts on a swizzle repeat");
+  // Byte offset of 16-byte chunk c (channels 8c..8c+7) of query row r inside a tile.
+  __host__ __device__ static constexpr uint32_t chunk_offset(int r, int c) {
+    const uint32_t swz = (uint32_t(r) >> (3 - kLogW)) & uint32_t(kW - 1);
+    return uint32_t(c / kW) * kColumnBlockBytes + uint32_t(r) * kRowBytes + ((uint32_t(c % kW) ^ swz) << 4);
+  }
+  // Descriptor of the 16 x Dv B operand whose first row starts at smem address `addr` (start >> 4
+  // in bits 0-13, LBO >> 4 in 16-29, SBO >> 4 in 32-45, base offset 0, mode in 62-63).
+  __host__ __device__ static constexpr uint64_t desc(uint32_t addr) {
+    return uint64_t((addr >> 4) & 0x3FFFu) | (uint64_t(kLbo >> 4) << 16) | (uint64_t(kSbo >> 4) << 32) |
+           (kSwizzleMode << 62);
+  }
+};
+static_assert(DoWgmmaLayout<64, 128>::chunk_offset(13, 5) == 13 * 128 + ((5 ^ 5) << 4), "the hdim-64 layout");
+static_assert(DoWgmmaLayout<64, 128>::desc(0) == ((uint64_t(64) << 16) | (uint64_t(64) << 32) | (uint64_t(1) << 62)),
+              "the hdim-64 descriptor (LBO = SBO = 1024, 128B)");
+
+// kDvw: the channel width of V / dO in shared memory and of the dP / dV products (Dv rounded up:
+// the zero channels past Dv cost work). kHdim (the bucket of max(d, Dv)) only sizes the bit words
+// then. The hdim-128 wgmma kernels exist at kDvw = 80, 96, 128 (DiT's Dv = 72 runs at 80).
+template <class T, int kHdim, bool kPipe = false, bool kNarrow = false, int kWgmma = 0, int kDvw = kHdim>
 struct MainTraits {
   static_assert(kHdim == 64 || kHdim == 128, "v2 main pass: head-dim buckets 64 and 128");
   // kWgmma (BINFORMER_BWD_MAIN_WGMMA=1, sm_90a, hdim 64, pipelined, 2 m-tiles): dV += P^T dO on
@@ -41,7 +87,12 @@ struct MainTraits {
   // kWgmma = 2 (BINFORMER_BWD_MAIN_WGMMA=2): dP = V dO^T on wgmma too (m64n16k16, A = V and B =
   // the chunk's dO rows, both K-major from shared memory with the 128-byte swizzle), so the V
   // fragments leave the registers and the 16 dP HMMAs per chunk and warp become 8 wgmmas.
-  static_assert(!kWgmma || (kHdim == 64 && kPipe && !kNarrow), "wgmma: the pipelined 2-m-tile hdim-64 kernel");
+  // hdim 128 (BINFORMER_BWD_MAIN_WGMMA128=1): kWgmma = 1 on the pipelined 8-warp kernel, i.e. two
+  // warpgroups of 64 keys (m-tile of warp w = keys 16 w.., the wgmma row map already), each
+  // issuing m64nDvk16 with Dv = kDvw (80, 96, 128).
+  static_assert(!kWgmma || (kPipe && !kNarrow && (kHdim == 64 ? kDvw == 64 : kWgmma == 1)),
+                "wgmma: the pipelined 2-m-tile hdim-64 kernel, or dV only on the pipelined hdim-128 one");
+  static_assert(kDvw % 16 == 0 && kDvw <= kHdim && (kDvw == kHdim || kHdim == 128), "channel width");
   static constexpr bool kWgmmaDp = kWgmma >= 2;
   // 16-key m-tiles per warp (dV: registers): 2 at hdim 64 (4 warps per CTA), 1 otherwise. kNarrow
   // (BINFORMER_BWD_MAIN_NARROW=1, hdim 64): 1 m-tile, 8 warps per CTA, <= 128 registers, so
@@ -64,9 +115,9 @@ struct MainTraits {
   static constexpr int kCols = kPipe && kHdim <= 64 ? 128 : kFastMainCols;
   static_assert(kKeyBlockTc % kCols == 0 && kKeyBlockTc % kFastMainCols == 0, "same causal first query");
   static constexpr int kChunks = kCols / 16;
-  static constexpr int kStride = kHdim + 8;  // smem row stride of V / dO in T (16-byte skew)
-  static constexpr int kDvTiles = kHdim / 8;
-  static constexpr int kDvSteps = kHdim / 16;
+  static constexpr int kStride = kDvw + 8;  // smem row stride of V / dO in T (16-byte skew)
+  static constexpr int kDvTiles = kDvw / 8;
+  static constexpr int kDvSteps = kDvw / 16;
   static constexpr int kBitWords = 4;             // words per query row in smem (d <= 128)
   static constexpr bool kHighWords = kHdim > 64;  // extended bits can reach words 4..7
   // Query-tile buffers: 2 (load the next tile while computing this one); the pipelined kernel
@@ -75,10 +126,13 @@ struct MainTraits {
 
   // dO rows in shared memory: kStride (skewed) or, for wgmma, 64 elements = 128 bytes with the
   // 16-byte pieces swizzled (piece c of row r at c ^ (r % 8)), every tile on a 1024-byte boundary.
-  static constexpr int kDoStride = kWgmma ? 64 : kStride;
+  // (wgmma: DoWgmmaLayout, kDoStride = the row step inside a column block; whole tile kDoBytes.)
+  using DoLayout = DoWgmmaLayout<kWgmma ? kDvw : 64, kCols>;
+  static constexpr int kDoStride = kWgmma ? int(DoLayout::kRowBytes / sizeof(T)) : kStride;
   static constexpr int kVStride = kWgmmaDp ? 64 : kStride;  // V rows (wgmma dP: swizzled too)
   static constexpr size_t kVBytes = size_t(kRows) * kVStride * sizeof(T);
-  static constexpr size_t kDoBytes = size_t(kCols) * kDoStride * sizeof(T);
+  static constexpr size_t kDoBytes = kWgmma ? size_t(DoLayout::kTileBytes) : size_t(kCols) * kDoStride * sizeof(T);
+  static constexpr int kDoTileElems = int(kDoBytes / sizeof(T));
   static_assert(!kWgmma || (kVBytes % 1024 == 0 && kDoBytes % 1024 == 0), "1024-byte aligned dO tiles");
   static constexpr size_t kBitsBytes = size_t(kCols) * kBitWords * 4;
   static constexpr size_t kRecBytes = size_t(kCols) * 16;
@@ -115,15 +169,6 @@ __device__ __forceinline__ ExtWord ext_word(int w, int d, int words) {
   return e;
 }
 
-// The wgmma B descriptor of 16 dO rows (K = 16 queries, N = 64 channels, MN-major, 128-byte
-// swizzle) starting at shared address `addr` (a multiple of 1024): start >> 4 in bits 0-13,
-// LBO = 1024 (unused at N = 64) in 16-29, SBO = 1024 (the next 8 rows) in 32-45, base offset 0,
-// swizzle mode 1 (128B) in 62-63: the descriptor of the forward's measured P.V (pv_wgmma.h).
-__device__ __forceinline__ uint64_t wgmma_do_desc(uint32_t addr) {
-  return uint64_t((addr >> 4) & 0x3FFFu) | (uint64_t(1024 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
-
 // K-major operand with the 128-byte swizzle (rows of 64 16-bit elements = 128 bytes, piece c of
 // row r at c ^ (r % 8)) starting at shared address `addr` (a multiple of 1024): SBO = 1024 (the
 // next 8 rows), LBO unused for swizzled K-major layouts (encoded 1), mode 128B. The k16 slice
@@ -132,10 +177,11 @@ __device__ __forceinline__ uint64_t wgmma_kmajor_desc(uint32_t addr) {
   return uint64_t((addr >> 4) & 0x3FFFu) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
-template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false, int kWgmma = 0>
-__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>::kThreads, kMinBlocks)
+template <class T, int kHdim, int kMinBlocks, bool kPipe = false, bool kNarrow = false, int kWgmma = 0,
+          int kDvw = kHdim>
+__global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow, kWgmma, kDvw>::kThreads, kMinBlocks)
 attention_bwd_main_kernel(const BwdArgs a) {
-  using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
+  using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma, kDvw>;
   constexpr int kM = Tr::kMTiles;
 #if !defined(BINFORMER_BWD_WGMMA_CODE)
   if constexpr (kWgmma) return;  // sm_90a code only (the host launches it only there)
@@ -169,9 +215,9 @@ attention_bwd_main_kernel(const BwdArgs a) {
   const int64_t tile_end = (a.Nq + Tr::kCols - 1) / Tr::kCols;
 
   // ---- V block and the first query tile (dO rows zero-filled past Dv and past Nq)
-  constexpr int kVec = kHdim / 8;  // 16-byte pieces per row
-  for (int e = tid; e < Tr::kRows * kVec; e += Tr::kThreads) {
-    const int r = e / kVec, ch = (e - r * kVec) * 8;
+  constexpr int kVecV = kDvw / 8;  // 16-byte pieces per V row
+  for (int e = tid; e < Tr::kRows * kVecV; e += Tr::kThreads) {
+    const int r = e / kVecV, ch = (e - r * kVecV) * 8;
     const bool ok = row0 + r < a.Nk && ch < dv;
     const int dst = Tr::kWgmmaDp ? r * Tr::kVStride + (((ch >> 3) ^ (r & 7)) << 3) : r * Tr::kVStride + ch;
     cp_async_16(v_smem + dst, ok ? v_gmem + (row0 + r) * a.v_stride[2] + ch : v_gmem, ok);
@@ -183,15 +229,19 @@ attention_bwd_main_kernel(const BwdArgs a) {
   // One query tile: dO rows, query bits, query records. Compile-time trip counts (every thread
   // issues the same number of copies) and per-thread offsets computed once, so a tile's copies
   // are a few adds each (the generic 64-bit index math cost ~250 instructions per tile).
+  // dO: kVec threads per row (a power of two >= kDvw / 8; threads past the row's pieces copy
+  // nothing), so every thread keeps one piece position for the whole tile.
+  constexpr int kVec = kDvw / 8 <= 8 ? 8 : 16;
   constexpr int kDoRowsPerRound = Tr::kThreads / kVec;
   constexpr int kBitRowsPerRound = Tr::kThreads / Tr::kBitWords;
   static_assert(Tr::kThreads % kVec == 0 && Tr::kCols % kDoRowsPerRound == 0 &&
                 Tr::kCols % kBitRowsPerRound == 0, "whole copy rounds per tile");
   static_assert(Tr::kThreads >= Tr::kCols, "one thread per query column (record copy, column-sum flush)");
   const int do_row = tid / kVec, do_ch = (tid % kVec) * 8;
+  const bool do_copies = do_ch < kDvw;  // (thread-uniform for the whole pass)
   // Element offset of this thread's 16-byte dO piece in a tile row group (rows do_row + k
   // kDoRowsPerRound keep do_row % 8, so the swizzle is the same for all of them).
-  const int do_dst = kWgmma ? do_row * Tr::kDoStride + (((do_ch >> 3) ^ (do_row & 7)) << 3)
+  const int do_dst = kWgmma ? int(Tr::DoLayout::chunk_offset(do_row, do_ch >> 3) / sizeof(T))
                             : do_row * Tr::kDoStride + do_ch;
   static_assert(!kWgmma || kDoRowsPerRound % 8 == 0, "swizzle phase per thread");
   const bool do_ch_ok = do_ch < dv;
@@ -201,12 +251,14 @@ attention_bwd_main_kernel(const BwdArgs a) {
   const int64_t bit_round_step = int64_t(kBitRowsPerRound) * a.q_stride[2];
   auto load_tile = [&](int64_t tile, int buf) {
     const int c0 = int(tile) * Tr::kCols;
-    T* ys = do_smem + buf * (Tr::kCols * Tr::kDoStride) + do_dst;
+    T* ys = do_smem + buf * Tr::kDoTileElems + do_dst;
     const T* src = do_gmem + int64_t(c0 + do_row) * a.dout_stride[2] + do_ch;
+    if (do_copies) {
 #pragma unroll
-    for (int it = 0; it < Tr::kCols / kDoRowsPerRound; ++it) {
-      const bool ok = do_ch_ok && c0 + do_row + it * kDoRowsPerRound < nq;
-      cp_async_16(ys + it * kDoRowsPerRound * Tr::kDoStride, ok ? src + it * do_round_step : do_gmem, ok);
+      for (int it = 0; it < Tr::kCols / kDoRowsPerRound; ++it) {
+        const bool ok = do_ch_ok && c0 + do_row + it * kDoRowsPerRound < nq;
+        cp_async_16(ys + it * kDoRowsPerRound * Tr::kDoStride, ok ? src + it * do_round_step : do_gmem, ok);
+      }
     }
     uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords) + tid;
     const uint32_t* bsrc = q_bits + int64_t(c0 + bit_row) * a.q_stride[2] + bit_word;
@@ -292,10 +344,12 @@ attention_bwd_main_kernel(const BwdArgs a) {
   }
   // Per-lane smem offsets of the dO fragments of a chunk: non-transposed (dP) and transposed (dV).
   // (wgmma: rows of 64 elements, piece p of chunk row r at p ^ (r % 8), r % 8 = lane % 8.)
-  const int do_off = ((lane >> 4) * 8 + (lane & 7)) * Tr::kDoStride + (kWgmma ? 0 : ((lane >> 3) & 1) * 8);
+  // (wgmma: DoWgmmaLayout; this lane's row (lane >> 4) * 8 + lane % 8 of the chunk, piece
+  // 2 ks + bit 3 of the lane.)
+  const int do_row_l = (lane >> 4) * 8 + (lane & 7);
+  const int do_off = kWgmma ? 0 : do_row_l * Tr::kDoStride + ((lane >> 3) & 1) * 8;
   auto do_piece = [&](int ks) {  // element offset of this lane's piece for k-step ks
-    const int p = 2 * ks + ((lane >> 3) & 1);
-    return kWgmma ? ((p ^ (lane & 7)) << 3) : ks * 16;
+    return kWgmma ? int(Tr::DoLayout::chunk_offset(do_row_l, 2 * ks + ((lane >> 3) & 1)) / sizeof(T)) : ks * 16;
   };
   const int do_off_t = (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kDoStride + (lane >> 4) * 8;
   // Column-sum slot of this lane inside a chunk's 16 columns (after the reduce-scatter below);
@@ -367,7 +421,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
       if (tile > tile_begin) flush_column_sums(tile - 1, next);
     }
     const int64_t c0 = tile * Tr::kCols;
-    const T* ys = do_smem + buf * (Tr::kCols * Tr::kDoStride);
+    const T* ys = do_smem + buf * Tr::kDoTileElems;
     const uint32_t* bs = bits_smem + buf * (Tr::kCols * Tr::kBitWords);
     const float4* rs = rec_smem + buf * Tr::kCols;
     float* colsum = colsum_smem + (buf * Tr::kWarps + warp) * Tr::kCols;
@@ -483,10 +537,10 @@ attention_bwd_main_kernel(const BwdArgs a) {
         // swizzled dO rows), asynchronous: it runs under the dP mmas and dS below and is retired
         // at the end of the chunk (wait_group 0), before pa or the dO rows can change.
         if constexpr (kWgmma) {
-          const uint64_t desc = wgmma_do_desc(smem_addr(ys + kc * 16 * Tr::kDoStride));
+          const uint64_t desc = Tr::DoLayout::desc(smem_addr(ys + kc * 16 * Tr::kDoStride));
           wgmma_fence();
 #pragma unroll
-          for (int mt = 0; mt < kM; ++mt) wgmma_m64n64k16_rs<T>(acc[mt], pa[mt], desc);
+          for (int mt = 0; mt < kM; ++mt) wgmma_m64nNk16_rs<T, kDvw>(acc[mt], pa[mt], desc);
           wgmma_commit();
         }
         // dP - D = V dO^T - D (k = channels); each dO fragment serves the kM m-tiles. No Dv
@@ -645,6 +699,17 @@ inline int main_wgmma_knob() {  // 0 (off), 1 (dV on wgmma) or 2 (dV and dP)
   return e[0] == '0' ? 0 : e[0] == '2' ? 2 : 1;
 }
 
+// BINFORMER_BWD_MAIN_WGMMA128=1: the hdim-128 bucket (d or Dv in 65..128) on the sm_90a kernel
+// with dV on wgmma (pipelined, 8 warps = 2 warpgroups, dO / V at the channel width kDvw = Dv
+// rounded up to 80, 96 or 128). Opt-in until the device has run it; BINFORMER_BWD_MAIN_WGMMA=0
+// turns it off as well. Read on every launch.
+inline bool main_wgmma128_knob() {
+  const char* e = std::getenv("BINFORMER_BWD_MAIN_WGMMA128");
+  return e != nullptr && e[0] == '1';
+}
+// The channel width of the hdim-128 wgmma kernel for Dv (<= 128).
+inline int wgmma128_width(int dv) { return dv <= 80 ? 80 : dv <= 96 ? 96 : 128; }
+
 }  // namespace binformer::cuda::bwd::tc
 
 #if !defined(BINFORMER_BWD_HOST_EMULATION)
@@ -659,13 +724,13 @@ inline int main_min_blocks_knob() {
   return v;
 }
 
-template <class T, int kHdim, bool kPipe, bool kNarrow, int kWgmma = 0>
+template <class T, int kHdim, bool kPipe, bool kNarrow, int kWgmma = 0, int kDvw = kHdim>
 cudaError_t launch_main_v2_variant(const BwdArgs& a, cudaStream_t stream) {
-  using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
+  using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma, kDvw>;
   const int64_t blocks = (a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow, kWgmma>;
+  auto kernel = attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow, kWgmma, kDvw>;
   if constexpr (kHdim <= 64 && !kNarrow && !kWgmma) {
     if (main_min_blocks_knob() == 3) kernel = attention_bwd_main_kernel<T, kHdim, 3, kPipe>;
   }
@@ -714,6 +779,20 @@ bool kernel_has_sm90a_code(Kernel kernel) {
 
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
+  if constexpr (kHdim == 128) {
+    using W = MainTraits<T, kHdim, true, false, 1, 128>;
+    if (main_wgmma128_knob() && main_wgmma_knob() != 0 && device_is_sm90() && fits_per_sm(W::kSmemBytes, W::kMinBlocks)) {
+      static const bool has_code =
+          kernel_has_sm90a_code(attention_bwd_main_kernel<T, kHdim, W::kMinBlocks, true, false, 1, 128>);
+      if (has_code) {
+        switch (wgmma128_width(a.dv_dim)) {
+          case 80: return launch_main_v2_variant<T, kHdim, true, false, 1, 80>(a, stream);
+          case 96: return launch_main_v2_variant<T, kHdim, true, false, 1, 96>(a, stream);
+          default: return launch_main_v2_variant<T, kHdim, true, false, 1, 128>(a, stream);
+        }
+      }
+    }
+  }
   if constexpr (kHdim <= 64) {
     using W = MainTraits<T, kHdim, true, false, 1>;
     const int wg = main_wgmma_knob();

@@ -386,7 +386,7 @@ inline void execute(const Op& op) {
     --bwd_emulation::wgmma_ops_in_flight;
     return;
   }
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < op.n / 8; ++i) {
     for (int e = 0; e < 4; ++e) {
       const unsigned col = 8 * i + 2 * t + (e & 1);
       double sum = 0;
@@ -444,8 +444,9 @@ inline void wgmma_m64n16k16_ss(float (&d)[2][4], uint64_t desc_a, uint64_t desc_
 }
 
 
-template <class T>
-inline void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+template <class T, int kN>
+inline void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma n (f16 / bf16: multiples of 8 up to 256)");
   using namespace bwd_emulation;
   if (!wgmma_emulation::fenced) std::abort();  // PTX: wgmma.fence before a wgmma reading new registers
   auto& s = slot(tid());
@@ -454,6 +455,7 @@ inline void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_
   warp_sync();
   const unsigned g = lane() / 4, base = warp_base();
   wgmma_emulation::Op op{&d[0][0], {}, desc_b, std::is_same<T, __nv_bfloat16>::value};
+  op.n = kN;
   for (unsigned h = 0; h < 2; ++h) {
     for (unsigned k = 0; k < 16; ++k) {
       const uint32_t r = slot(base + 4 * g + (k % 8) / 2)[h + (k >= 8 ? 2 : 0)];

@@ -42,19 +42,28 @@ void tc_pass(const BwdArgs& a) {
 // Which v2 main-pass variant runs (the device reads BINFORMER_BWD_MAIN_PIPE / _NARROW; here every
 // v2 case runs with each).
 bool g_main_pipe = false, g_main_narrow = false;
-int g_main_wgmma = 0;  // 1: dV on wgmma, 2: dV and dP
+int g_main_wgmma = 0;  // 1: dV on wgmma, 2: dV and dP (hdim 64); 1 at hdim 128: the WGMMA128 kernels
 
-template <class T, int kHdim, bool kPipe, bool kNarrow, int kWgmma = 0>
+template <class T, int kHdim, bool kPipe, bool kNarrow, int kWgmma = 0, int kDvw = kHdim>
 void main_v2_variant(const BwdArgs& a) {
-  using Tr = tc::MainTraits<T, kHdim, kPipe, kNarrow, kWgmma>;
+  using Tr = tc::MainTraits<T, kHdim, kPipe, kNarrow, kWgmma, kDvw>;
   const unsigned blocks = unsigned((a.Nk + Tr::kRows - 1) / Tr::kRows * a.B * a.H);
   if (blocks == 0) return;
-  bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow, kWgmma>, blocks,
+  bwd_emulation::launch(tc::attention_bwd_main_kernel<T, kHdim, Tr::kMinBlocks, kPipe, kNarrow, kWgmma, kDvw>, blocks,
                         unsigned(Tr::kThreads), Tr::kSmemBytes, a);
 }
 
 template <class T, int kHdim, bool kPipe>
 void main_v2_pipe(const BwdArgs& a) {
+  if constexpr (kHdim == 128) {  // (the device launcher's choice of width, launch_main_v2)
+    if (g_main_wgmma == 1) {
+      switch (tc::wgmma128_width(a.dv_dim)) {
+        case 80: return main_v2_variant<T, kHdim, true, false, 1, 80>(a);
+        case 96: return main_v2_variant<T, kHdim, true, false, 1, 96>(a);
+        default: return main_v2_variant<T, kHdim, true, false, 1, 128>(a);
+      }
+    }
+  }
   if constexpr (kHdim <= 64) {
     if (g_main_wgmma == 2) return main_v2_variant<T, kHdim, true, false, 2>(a);
     if (g_main_wgmma == 1) return main_v2_variant<T, kHdim, true, false, 1>(a);
@@ -135,7 +144,7 @@ bool emulate_attention_bwd(const AttentionBwdParams& p) {
 
 const char* main_v2_label() {
   if (g_main_wgmma == 2) return "tensor cores, main v2 wgmma dV + dP (pipelined)";
-  if (g_main_wgmma == 1) return "tensor cores, main v2 wgmma dV (pipelined)";
+  if (g_main_wgmma == 1) return "tensor cores, main v2 wgmma dV (pipelined; hdim 128: WGMMA128)";
   if (g_main_narrow) return g_main_pipe ? "tensor cores, main v2 narrow pipelined" : "tensor cores, main v2 narrow";
   return g_main_pipe ? "tensor cores, main v2 pipelined" : "tensor cores, main v2";
 }
@@ -281,6 +290,11 @@ int main(int argc, char** argv) {
     add(c);
     c.v_dtype = DType::kBFloat16; c.causal = true; c.Nq = c.Nk = 455; c.B = 1; c.d = 56; c.dv = 40;
     add(c);
+    // hdim-128 bucket at channel width 96 (the WGMMA128 kernel's 64B-swizzled dO), two key
+    // blocks, a partial last query tile, per-head scales.
+    c.v_dtype = DType::kFloat16; c.causal = false; c.Nq = 150; c.Nk = 200; c.d = 80; c.dv = 96;
+    c.q_scale = ScaleMode::kPerHead; c.k_scale = ScaleMode::kPerToken;
+    add(c);
   }
   // Optional: run only case N (argv[1]).
   int only = argc > 1 ? std::atoi(argv[1]) : -1;
@@ -297,7 +311,9 @@ int main(int argc, char** argv) {
     // The v2 cases again with the pipelined, narrow (hdim 64), narrow pipelined and wgmma (hdim 64)
     // main pass, on the same problem (same random stream).
     const bool hdim64 = std::max(cases[k].d, cases[k].dv) <= 64;
-    for (int variant = 1; v2 && variant < (hdim64 ? 6 : 2); ++variant) {
+    // (hdim 128: pipelined and wgmma dV, variants 1 and 4.)
+    for (int variant = 1; v2 && variant < 6; ++variant) {
+      if (!hdim64 && variant != 1 && variant != 4) continue;
       std::mt19937_64 again = before;
       g_main_pipe = (variant & 1) != 0;
       g_main_narrow = (variant & 2) != 0;
