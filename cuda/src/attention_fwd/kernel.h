@@ -185,8 +185,13 @@ struct FwdBlock {
   }
 
   // ============================================================================== driver
-  __device__ void run() {
-    const int tid = threadIdx.x;
+  // The block's place (lane / warp coordinates, (b, h), first row m0) and its key tiles: how many
+  // it visits and the first one that needs element masks (the partial last tile and, for
+  // causal, every tile reaching past the block's first row). Shared by every forward kernel.
+  struct KeyTiles {
+    int n_tiles, first_masked;
+  };
+  __device__ __forceinline__ KeyTiles setup_block(int tid) {
     lane = tid % 32;
     g = lane / 4;
     t = lane % 4;
@@ -197,14 +202,19 @@ struct FwdBlock {
     b = bh / a.H;
     h = bh % a.H;
     m0 = m_block * kBlockM;
+    KeyTiles kt;
+    kt.n_tiles = ceil_div_c(a.Nk, kBlockN);
+    if (a.causal) kt.n_tiles = min(kt.n_tiles, ceil_div_c(min(a.Nq, m0 + kBlockM), kBlockN));
+    kt.first_masked = kt.n_tiles;
+    if (a.Nk % kBlockN != 0) kt.first_masked = min(kt.first_masked, a.Nk / kBlockN);
+    if (a.causal) kt.first_masked = min(kt.first_masked, m0 / kBlockN);
+    return kt;
+  }
 
-    // Key tiles this block visits, and the first one that needs element masks (the partial
-    // last tile and, for causal, every tile reaching past the block's first row).
-    int n_tiles = ceil_div_c(a.Nk, kBlockN);
-    if (a.causal) n_tiles = min(n_tiles, ceil_div_c(min(a.Nq, m0 + kBlockM), kBlockN));
-    int first_masked = n_tiles;
-    if (a.Nk % kBlockN != 0) first_masked = min(first_masked, a.Nk / kBlockN);
-    if (a.causal) first_masked = min(first_masked, m0 / kBlockN);
+  __device__ void run() {
+    const int tid = threadIdx.x;
+    const KeyTiles kt = setup_block(tid);
+    const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
     // Pipeline prologue: tiles n_tiles-1, n_tiles-2, ... into stages 0 .. kStages-2.
 #pragma unroll

@@ -128,22 +128,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // ============================================================================== driver
   __device__ void run() {
     const int tid = threadIdx.x;
-    lane = tid % 32;
-    g = lane / 4;
-    t = lane % 4;
-    warp_row0 = (tid / 32) * 16 * kMT;
-    bh = blockIdx.x / a.num_m_blocks;
-    int m_block = blockIdx.x % a.num_m_blocks;
-    if (a.causal) m_block = a.num_m_blocks - 1 - m_block;  // longest rows first
-    b = bh / a.H;
-    h = bh % a.H;
-    m0 = m_block * kBlockM;
-
-    int n_tiles = ceil_div_c(a.Nk, kBlockN);
-    if (a.causal) n_tiles = min(n_tiles, ceil_div_c(min(a.Nq, m0 + kBlockM), kBlockN));
-    int first_masked = n_tiles;
-    if (a.Nk % kBlockN != 0) first_masked = min(first_masked, a.Nk / kBlockN);
-    if (a.causal) first_masked = min(first_masked, m0 / kBlockN);
+    const auto kt = Base::setup_block(tid);
+    const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
     // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
     if constexpr (kRelPos) {
