@@ -120,6 +120,12 @@ void run_case(const BwdCase& c, std::mt19937_64& rng) {
   const bool hamming_mask[7] = {true, true, true, false, false, false, false};
   run_device(p, hamming_mask, hamming);
   if (::testing::Test::HasFatalFailure()) return;
+  // Without dq_scale there is no partial dq_scale buffer: nothing may be written there (the
+  // v2 main pass once did, found by pytest's q_scale=None cases).
+  Outputs no_dq;
+  const bool no_dq_mask[7] = {true, false, true, false, false, false, false};
+  run_device(p, no_dq_mask, no_dq);
+  if (::testing::Test::HasFatalFailure()) return;
 
   // Determinism: the same inputs give the same bits; the hamming-only run shares its pass.
   expect_bitwise_equal("dv (run 2)", first.dv, second.dv);
@@ -132,6 +138,8 @@ void run_case(const BwdCase& c, std::mt19937_64& rng) {
   expect_bitwise_equal("dv (hamming-only run)", first.dv, hamming.dv);
   expect_bitwise_equal("dq_scale (hamming-only run)", first.dq_scale, hamming.dq_scale);
   expect_bitwise_equal("dk_scale (hamming-only run)", first.dk_scale, hamming.dk_scale);
+  expect_bitwise_equal("dv (run without dq_scale)", first.dv, no_dq.dv);
+  expect_bitwise_equal("dk_scale (run without dq_scale)", first.dk_scale, no_dq.dk_scale);
 
   if (!c.check_reference) return;
   for (const std::string& failure : check_against_reference(p, first)) ADD_FAILURE() << failure;
@@ -323,7 +331,7 @@ struct ScopedEnv {
 };
 
 // wgmma: the value of BINFORMER_BWD_MAIN_WGMMA ("0" = the mma.sync kernels; nullptr = the default).
-// wgmma128: the value of BINFORMER_BWD_MAIN_WGMMA128 (hdim-128 bucket on wgmma, opt-in).
+// wgmma128: the value of BINFORMER_BWD_MAIN_WGMMA128 (hdim-128 bucket on wgmma; unset = on).
 void run_main_pass_v2_variant(bool pipe, bool narrow, const char* wgmma = "0", const char* wgmma128 = nullptr) {
   const ScopedEnv env_pipe("BINFORMER_BWD_MAIN_PIPE", pipe), env_narrow("BINFORMER_BWD_MAIN_NARROW", narrow);
   const ScopedEnv env_wgmma("BINFORMER_BWD_MAIN_WGMMA", wgmma), env_w128("BINFORMER_BWD_MAIN_WGMMA128", wgmma128);

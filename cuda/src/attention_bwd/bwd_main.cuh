@@ -87,7 +87,7 @@ struct MainTraits {
   // kWgmma = 2 (BINFORMER_BWD_MAIN_WGMMA=2): dP = V dO^T on wgmma too (m64n16k16, A = V and B =
   // the chunk's dO rows, both K-major from shared memory with the 128-byte swizzle), so the V
   // fragments leave the registers and the 16 dP HMMAs per chunk and warp become 8 wgmmas.
-  // hdim 128 (BINFORMER_BWD_MAIN_WGMMA128=1): kWgmma = 1 on the pipelined 8-warp kernel, i.e. two
+  // hdim 128 (BINFORMER_BWD_MAIN_WGMMA128, default on): kWgmma = 1 on the pipelined 8-warp kernel, i.e. two
   // warpgroups of 64 keys (m-tile of warp w = keys 16 w.., the wgmma row map already), each
   // issuing m64nDvk16 with Dv = kDvw (80, 96, 128).
   static_assert(!kWgmma || (kPipe && !kNarrow && (kHdim == 64 ? kDvw == 64 : kWgmma == 1)),
@@ -320,10 +320,11 @@ attention_bwd_main_kernel(const BwdArgs a) {
   const float dot_offset = 8388608.f + 0.5f * float(d);  // (2^23 + m) - (2^23 + d/2) = dot / 2
   const int magic[4] = {0x4B000000, 0x4B000000, 0x4B000000, 0x4B000000};  // 2^23 as a float
 
-  // Partial dq_scale of one query tile: the warps' column sums in a fixed order.
+  // Partial dq_scale of one query tile: the warps' column sums in a fixed order. Only when
+  // dq_scale is wanted: without it there is no partial buffer (dq_scale_partial is null).
   auto flush_column_sums = [&](int64_t tile, int buf) {
     const int64_t i = tile * Tr::kCols + tid;
-    if (tid < Tr::kCols && i < a.Nq) {
+    if (a.dq_scale_partial != nullptr && tid < Tr::kCols && i < a.Nq) {
       const float* cs = colsum_smem + buf * (Tr::kWarps * Tr::kCols);
       float s = 0.f;
 #pragma unroll
@@ -701,11 +702,12 @@ inline int main_wgmma_knob() {  // 0 (off), 1 (dV on wgmma) or 2 (dV and dP)
 
 // BINFORMER_BWD_MAIN_WGMMA128=1: the hdim-128 bucket (d or Dv in 65..128) on the sm_90a kernel
 // with dV on wgmma (pipelined, 8 warps = 2 warpgroups, dO / V at the channel width kDvw = Dv
-// rounded up to 80, 96 or 128). Opt-in until the device has run it; BINFORMER_BWD_MAIN_WGMMA=0
-// turns it off as well. Read on every launch.
+// rounded up to 80, 96 or 128). Default since device run 16 (H100: 4096/128 hamming main pass
+// 3.035 -> 2.761 ms, gtest MainPassV2Wgmma128 passed); =0 here or BINFORMER_BWD_MAIN_WGMMA=0
+// turns it off. Read on every launch.
 inline bool main_wgmma128_knob() {
   const char* e = std::getenv("BINFORMER_BWD_MAIN_WGMMA128");
-  return e != nullptr && e[0] == '1';
+  return e == nullptr || e[0] != '0';
 }
 // The channel width of the hdim-128 wgmma kernel for Dv (<= 128).
 inline int wgmma128_width(int dv) { return dv <= 80 ? 80 : dv <= 96 ? 96 : 128; }
