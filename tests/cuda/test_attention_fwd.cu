@@ -834,11 +834,9 @@ std::vector<Case> all_cases() {
   return cs;
 }
 
-class AttentionFwd : public ::testing::TestWithParam<Case> {};
-
-TEST_P(AttentionFwd, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
-  const Case& c = GetParam();
+// One case through the public entry point, checked against the float64 reference (the K pre-pass
+// output too); skipped where the minimal build lacks the instantiation.
+void run_against_reference(const Case& c) {
   SCOPED_TRACE(describe(c));
   AttentionFwdCase t(c);
   const RunOutput r = t.run();
@@ -846,6 +844,13 @@ TEST_P(AttentionFwd, MatchesFloat64Reference) {
   ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
   t.check_prepass(r);
   t.check(r);
+}
+
+class AttentionFwd : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionFwd, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
+  run_against_reference(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
@@ -950,14 +955,7 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
   // Dv 72..128 too (v5): 2 blocks/SM unless the caller asked for the 1-block kernels (=2).
   const char* wide = std::getenv("BINFORMER_FWD_SM90_WIDE");
   ScopedEnv sm90_wide("BINFORMER_FWD_SM90_WIDE", wide != nullptr && std::string(wide) == "2" ? "2" : "1");
-  const Case& c = GetParam();
-  SCOPED_TRACE(describe(c));
-  AttentionFwdCase t(c);
-  const RunOutput r = t.run();
-  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
-  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
-  t.check_prepass(r);
-  t.check(r);
+  run_against_reference(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
@@ -970,14 +968,7 @@ class AttentionFwdMmaSync : public ::testing::TestWithParam<Case> {};
 TEST_P(AttentionFwdMmaSync, MatchesFloat64Reference) {
   FWD_REQUIRE_GPU();
   ScopedEnv sm90("BINFORMER_FWD_SM90", "0");
-  const Case& c = GetParam();
-  SCOPED_TRACE(describe(c));
-  AttentionFwdCase t(c);
-  const RunOutput r = t.run();
-  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
-  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
-  t.check_prepass(r);
-  t.check(r);
+  run_against_reference(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdMmaSync, ::testing::ValuesIn(sm90_cases()),
@@ -1017,14 +1008,7 @@ class AttentionFwdRelPosStream : public ::testing::TestWithParam<Case> {};
 TEST_P(AttentionFwdRelPosStream, MatchesFloat64Reference) {
   FWD_REQUIRE_GPU();
   ScopedEnv stream("BINFORMER_FWD_RELPOS_STREAM", "1");
-  const Case& c = GetParam();
-  SCOPED_TRACE(describe(c));
-  AttentionFwdCase t(c);
-  const RunOutput r = t.run();
-  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
-  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
-  t.check_prepass(r);
-  t.check(r);
+  run_against_reference(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdRelPosStream, ::testing::ValuesIn(relpos_stream_cases()),
