@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GPU_SHAPES, environment, exp_floor_s, rel_pos_layout, time_cuda, write_json  # noqa: E402
+from common import GPU_SHAPES, env_switch, environment, exp_floor_s, rel_pos_layout, time_cuda, write_json  # noqa: E402
 
 import binformer  # noqa: E402
 
@@ -42,19 +42,10 @@ def try_time(fn):
 
 
 def with_env(assignment: str, fn):
-    """fn run with one environment variable set (binformer reads its runtime switches per call)."""
-    key, value = assignment.split("=", 1)
-
+    """fn run with one environment variable set (common.env_switch)."""
     def run():
-        old = os.environ.get(key)
-        os.environ[key] = value
-        try:
+        with env_switch(assignment):
             return fn()
-        finally:
-            if old is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = old
     return run
 
 

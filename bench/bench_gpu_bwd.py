@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GPU_SHAPES, environment, time_cuda, write_json  # noqa: E402
+from common import GPU_SHAPES, env_switch, environment, time_cuda, write_json  # noqa: E402
 
 import binformer  # noqa: E402
 
@@ -66,19 +66,15 @@ def main():
             return f
         res["fa2"] = fwd_bwd_times(sdpa(SDPBackend.FLASH_ATTENTION), [q, k, v], dout)
         res["cudnn"] = fwd_bwd_times(sdpa(SDPBackend.CUDNN_ATTENTION), [q, k, v], dout)
-        res["binformer_hamming"] = fwd_bwd_times(
-            lambda: binformer.attention(q.detach(), k.detach(), v, q_scale=qw, k_scale=kw, grad_mode="hamming"),
-            [v, qw, kw], dout)
-        res["binformer_ste"] = fwd_bwd_times(
-            lambda: binformer.attention(q, k, v, q_scale=aq, k_scale=ak, grad_mode="ste"), [q, k, v, aq, ak], dout)
-        if args.ab_env:  # A/B of a runtime switch in the same process ("<name>@env" rows): the variable
-            key, value = args.ab_env.split("=", 1)  # stays set over the forward and the backward
-            os.environ[key] = value
-            res["binformer_hamming@env"] = fwd_bwd_times(lambda: binformer.attention(
-                q.detach(), k.detach(), v, q_scale=qw, k_scale=kw, grad_mode="hamming"), [v, qw, kw], dout)
-            res["binformer_ste@env"] = fwd_bwd_times(lambda: binformer.attention(
-                q, k, v, q_scale=aq, k_scale=ak, grad_mode="ste"), [q, k, v, aq, ak], dout)
-            del os.environ[key]
+        hamming = lambda: binformer.attention(q.detach(), k.detach(), v, q_scale=qw, k_scale=kw,  # noqa: E731
+                                              grad_mode="hamming")
+        ste = lambda: binformer.attention(q, k, v, q_scale=aq, k_scale=ak, grad_mode="ste")  # noqa: E731
+        res["binformer_hamming"] = fwd_bwd_times(hamming, [v, qw, kw], dout)
+        res["binformer_ste"] = fwd_bwd_times(ste, [q, k, v, aq, ak], dout)
+        if args.ab_env:  # A/B of a runtime switch in the same process ("<name>@env" rows); the
+            with env_switch(args.ab_env):  # variable stays set over the forward and the backward
+                res["binformer_hamming@env"] = fwd_bwd_times(hamming, [v, qw, kw], dout)
+                res["binformer_ste@env"] = fwd_bwd_times(ste, [q, k, v, aq, ak], dout)
         us = {m: dict(fwd=r[0], fwd_bwd=r[1], bwd=r[2]) for m, r in res.items()}
         num = lambda m: us[m]["bwd"] if isinstance(us[m]["bwd"], float) else None  # noqa: E731
         sp = {}

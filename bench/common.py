@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: shapes, timing, environment record, JSON output."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -96,6 +97,22 @@ def time_cuda(fn, *, warmup_ms=50, rep_ms=300) -> float:
     """Median time (s) by CUDA events through triton.testing.do_bench."""
     from triton.testing import do_bench
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
+
+
+@contextlib.contextmanager
+def env_switch(assignment: str):
+    """NAME=VALUE set for the duration (binformer reads its runtime switches at every call), so one
+    process can time both sides of a switch; the previous value comes back afterwards."""
+    key, value = assignment.split("=", 1)
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
 
 
 def write_json(path: str, payload: dict) -> None:
