@@ -28,6 +28,9 @@
 
 #include "bwd_common.cuh"
 #include "bwd_ptx.cuh"
+#if !defined(BINFORMER_BWD_HOST_EMULATION)
+#include "../sm90_support.h"  // device_is_sm90, kernel_has_sm90a_code (the launchers)
+#endif
 
 namespace binformer::cuda::bwd::tc {
 
@@ -763,22 +766,6 @@ inline bool fits_per_sm(size_t smem_bytes, int blocks) {
 
 // The wgmma kernel runs only on compute capability 9.0 with sm_90a code in the binary (a build
 // without 90a in BINFORMER_CUDA_ARCHS has an empty kernel body there).
-inline bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    return false;
-  }
-  return major == 9 && minor == 0;
-}
-template <class Kernel>
-bool kernel_has_sm90a_code(Kernel kernel) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
-  return attr.binaryVersion == 90;
-}
-
 template <class T, int kHdim>
 cudaError_t launch_main_v2(const BwdArgs& a, cudaStream_t stream) {
   if constexpr (kHdim == 128) {

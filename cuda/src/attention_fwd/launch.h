@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../sm90_support.h"
 #include "fwd_api.h"
 #include "kernel.h"
 #include "kernel_bounded.h"
@@ -98,31 +99,12 @@ inline int fwd_wgmma_wide_mode() {
   return 1;
 }
 
-inline bool fwd_device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    return false;
-  }
-  return major == 9 && minor == 0;
-}
-
-// Whether the loaded binary of `kernel` is sm_90a code (a build without 90a in
-// BINFORMER_CUDA_ARCHS would run PTX or sm_80 code, where the kernel body is empty).
-template <class Kernel>
-bool fwd_kernel_has_sm90_code(Kernel kernel) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
-  return attr.binaryVersion == 90;
-}
-
 template <class Tr>
 cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
   if (Tr::kBoundedRelPos) smem += fwd_bounded_relpos_smem(args, Tr::kStages);
   if constexpr (Tr::kWgmma) {
-    static const bool has_code = fwd_kernel_has_sm90_code(attention_fwd_bounded_wgmma_kernel<Tr>);
+    static const bool has_code = kernel_has_sm90a_code(attention_fwd_bounded_wgmma_kernel<Tr>);
     if (!has_code) return cudaErrorNotSupported;  // the caller falls back to mma.sync
     static bool logged = false;
     if (!logged) {
@@ -181,7 +163,7 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
   constexpr bool kWgmmaWidth = kDvPad == 64 || kDvPad == 72 || kDvPad == 80 || kDvPad == 96 || kDvPad == 128;
   if constexpr (kWgmmaWidth && !kDvMasked) {
     const int wide_mode = kDvPad == 64 ? 1 : fwd_wgmma_wide_mode();
-    if (fwd_wgmma_requested() && wide_mode != 0 && fwd_device_is_sm90()) {
+    if (fwd_wgmma_requested() && wide_mode != 0 && device_is_sm90()) {
       cudaError_t err;
       if constexpr (kDvPad == 64) {
         err = run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true>(args, stream);

@@ -1,0 +1,27 @@
+#pragma once
+// Host-side checks the forward and backward launchers make before taking an sm_90a (wgmma) path.
+#include <cuda_runtime.h>
+
+namespace binformer::cuda {
+
+// Compute capability 9.0 (H100 / H200) on the current device.
+inline bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+// Whether the loaded binary of `kernel` is sm_90a code (a build without 90a in
+// BINFORMER_CUDA_ARCHS would run PTX or sm_80 code, where the wgmma kernels' bodies are empty).
+template <class Kernel>
+bool kernel_has_sm90a_code(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
+  return attr.binaryVersion == 90;
+}
+
+}  // namespace binformer::cuda
