@@ -66,19 +66,22 @@ if [[ $steps == *" ab "* ]]; then
   grep -E "^attention|^ *(fwd|bwd)|us" "$OUT/gbench_base.log" | head -40
 fi
 if [[ $steps == *" ncu "* ]]; then
-  # NCU_KERNEL / NCU_TARGET / NCU_NAME pick another kernel (e.g. the backward main pass:
-  # NCU_KERNEL=regex:attention_bwd_tc NCU_TARGET=bench/ncu_target_bwd.py NCU_NAME=attention_bwd).
+  # NCU_KERNEL / NCU_TARGET / NCU_ARGS / NCU_NAME pick another kernel or shape (e.g. the backward main pass:
+  # NCU_KERNEL=regex:attention_bwd_tc NCU_TARGET=bench/ncu_target_bwd.py NCU_NAME=attention_bwd;
+  # the forward on ViT-B with rel-pos: NCU_ARGS="vit_b16_224 relpos"). The report stays in /tmp.
   name=${NCU_NAME:-attention_fwd}
-  log "ncu $name"
+  log "ncu $name ${NCU_ARGS:-}"
   timeout 240 ncu --clock-control none --kernel-name "${NCU_KERNEL:-regex:attention_fwd}" --launch-skip ${NCU_SKIP:-2} \
-      --launch-count 1 --set full --import-source yes -o "$OUT/ncu_$name" python3 "${NCU_TARGET:-bench/ncu_target.py}" \
-      > "$OUT/ncu_$name.log" 2>&1; log "ncu rc=$?"
-  ncu --import "$OUT/ncu_$name.ncu-rep" --page details > "$OUT/ncu_${name}_details.txt" 2>&1
+      --launch-count 1 --set full --import-source yes -f -o "/tmp/ncu_$name" python3 "${NCU_TARGET:-bench/ncu_target.py}" \
+      ${NCU_ARGS:-} > "$OUT/ncu_$name.log" 2>&1; log "ncu rc=$?"
+  ncu --import "/tmp/ncu_$name.ncu-rep" --page details > "$OUT/ncu_${name}_details.txt" 2>&1
   grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issue Slot|Warp Cycles|Stall" "$OUT/ncu_${name}_details.txt" | head -40
   # NCU_SOURCE=1: per-SASS-instruction counters (build with CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-lineinfo).
   if [ -n "${NCU_SOURCE:-}" ]; then
-    ncu --import "$OUT/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${name}_sass.csv" 2>&1
+    ncu --import "/tmp/ncu_$name.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_${name}_sass.csv.gz"
   fi
+  # Every raw metric of the report (pipe utilisation, stall reasons by name).
+  ncu --import "/tmp/ncu_$name.ncu-rep" --page raw 2>&1 | gzip > "$OUT/ncu_${name}_raw.txt.gz"
 fi
 if [[ $steps == *" train "* ]]; then
   log "digits training on GPU"
