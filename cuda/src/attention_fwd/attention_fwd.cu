@@ -194,8 +194,7 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     pk.Nk = int(p.Nk);
     pk.d = p.head_dim;
     pk.k_words = args.k_words;
-    pk.nk_pad = w.nk_pad;
-    pk.rows = p.B * p.H * w.nk_pad;
+    set_pack_grid(pk, p.B * p.H, w.nk_pad);
     pk.k_scale = p.k_scale;
     for (int i = 0; i < 3; ++i) pk.k_scale_stride[i] = p.k_scale_stride[i];
     pk.k_bits = const_cast<uint32_t*>(args.k_bits);
@@ -204,7 +203,6 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     pk.relpos_off = const_cast<int*>(args.relpos_off);
     pk.relpos_prefix = p.num_prefix_tokens;
     pk.relpos_ww = p.rel_pos_ww;
-    pk.pack_blocks = (pk.rows * 8 + kPackThreads - 1) / kPackThreads;
     int64_t blocks = pk.pack_blocks;
     if (p.rel_pos_table != nullptr) {
       args.relpos_range = reinterpret_cast<float*>(ws + w.relpos_range);

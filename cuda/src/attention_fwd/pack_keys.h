@@ -9,20 +9,27 @@
 namespace binformer::cuda::fwd {
 
 inline constexpr int kPackThreads = 256;
+// One block packs one 128-key slab of one head (nk_pad is a multiple of 128, so a slab never
+// straddles heads): 32 rows x 8 lanes, each thread 4 rows 32 apart.
+inline constexpr int kPackRowsPerBlock = 128;
+inline constexpr int kPackRowsPerThread = kPackRowsPerBlock / (kPackThreads / 8);
 
 // ------------------------------------------------------------------ K pre-pass
 // Packs every key row once (instead of once per query block): signs (flipped where the key's
 // scale factor is negative), the popcount correction constant, |k_scale| and the rel-pos column
 // offsets; with a rel-pos table, H extra blocks write each head's table maximum and minimum.
 // 8 lanes per row; lane c owns the sign bytes c, c + 8 (, c + 16, c + 24) of the k_words-word
-// row (zero past d). Each byte is one 16-byte load of 16-bit K (two of fp32), all of a thread's
-// loads are issued together and 8 lanes read a row's 128 contiguous bytes (d = 64, fp16): the
-// pass runs at memory bandwidth. Rows past Nk are written as zero rows.
+// row (zero past d). Each byte is one 16-byte load of 16-bit K (two of fp32), all loads of a
+// thread (4 rows) are issued together and 8 lanes read a row's 128 contiguous bytes (d = 64,
+// fp16). The block's head comes from one 32-bit division per block: no 64-bit division per
+// thread (which made the first version compute-bound at a third of the copy bandwidth). Rows
+// past Nk are written as zero rows.
 struct PackKeysArgs {
   const void* k;
   int64_t k_stride[3];
   int H, Nk, d, k_words;
-  int64_t nk_pad, rows, pack_blocks;
+  int nk_pad, blocks_per_head;  // blocks_per_head = nk_pad / kPackRowsPerBlock
+  int64_t pack_blocks;          // B * H * blocks_per_head (then the rel-pos range blocks)
   const float* k_scale;
   int64_t k_scale_stride[3];
   uint32_t* k_bits;
@@ -35,6 +42,13 @@ struct PackKeysArgs {
   int relpos_table_size;
   float* relpos_range;
 };
+
+// The packing grid for BH heads of nk_pad (a multiple of kPackRowsPerBlock) rows each.
+inline void set_pack_grid(PackKeysArgs& pk, int64_t bh_count, int64_t nk_pad) {
+  pk.nk_pad = int(nk_pad);
+  pk.blocks_per_head = int(nk_pad / kPackRowsPerBlock);
+  pk.pack_blocks = bh_count * pk.blocks_per_head;
+}
 
 __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
   __shared__ float part[2][kPackThreads / 32];
@@ -72,61 +86,64 @@ __global__ void __launch_bounds__(kPackThreads)
     relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
     return;
   }
-  const int64_t gid = int64_t(blockIdx.x) * kPackThreads + threadIdx.x;
-  const int64_t row = gid / 8;
-  const int c = int(gid % 8);
-  const bool active = row < a.rows;
+  const uint32_t bh = blockIdx.x / uint32_t(a.blocks_per_head);
+  const int j0 = int(blockIdx.x - bh * uint32_t(a.blocks_per_head)) * kPackRowsPerBlock + int(threadIdx.x / 8);
+  const uint32_t b = bh / uint32_t(a.H), h = bh - b * uint32_t(a.H);
+  const int c = int(threadIdx.x % 8);
   const int d_bytes = a.d / 8;
-  int64_t bh = 0;
-  int j = 0;
-  uint32_t bytes[4] = {0u, 0u, 0u, 0u};
-  float bj = 1.0f;
-  if (active) {
-    bh = row / a.nk_pad;
-    j = int(row % a.nk_pad);
-    const int64_t b = bh / a.H, h = bh % a.H;
+  const int esize = kDtype == DType::kFloat16 || kDtype == DType::kBFloat16 ? 2 : 4;
+  const char* k_head = static_cast<const char*>(a.k) + (int64_t(b) * a.k_stride[0] + int64_t(h) * a.k_stride[1]) * esize;
+  uint32_t bytes[kPackRowsPerThread][4] = {};
+  float bj[kPackRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kPackRowsPerThread; ++i) {
+    const int j = j0 + i * (kPackThreads / 8);
+    bj[i] = 1.0f;
     if (j < a.Nk) {
       if (a.k_scale != nullptr) {
-        bj = __ldg(a.k_scale + b * a.k_scale_stride[0] + h * a.k_scale_stride[1] +
-                   int64_t(j) * a.k_scale_stride[2]);
+        bj[i] = __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] + int64_t(h) * a.k_scale_stride[1] +
+                      int64_t(j) * a.k_scale_stride[2]);
       }
-      const int esize = kDtype == DType::kFloat16 || kDtype == DType::kBFloat16 ? 2 : 4;
-      const char* k_row = static_cast<const char*>(a.k) +
-                          (b * a.k_stride[0] + h * a.k_stride[1] + int64_t(j) * a.k_stride[2]) * esize;
+      const char* k_row = k_head + int64_t(j) * a.k_stride[2] * esize;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        if (c + 8 * q < d_bytes) bytes[q] = load_sign_byte(k_row, kDtype, c + 8 * q, kVec);
-      }
-      const uint32_t flip = bj < 0.0f ? 0xFFu : 0u;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (c + 8 * q < d_bytes) bytes[q] ^= flip;
+        if (c + 8 * q < d_bytes) bytes[i][q] = load_sign_byte(k_row, kDtype, c + 8 * q, kVec);
       }
     }
   }
-  // Row popcount over the row's 8 lanes (rows never straddle an 8-lane group).
-  int pc = __popc(bytes[0]) + __popc(bytes[1]) + __popc(bytes[2]) + __popc(bytes[3]);
-  pc += __shfl_xor_sync(0xffffffffu, pc, 1);
-  pc += __shfl_xor_sync(0xffffffffu, pc, 2);
-  pc += __shfl_xor_sync(0xffffffffu, pc, 4);
-  if (!active) return;
-  unsigned char* kb = reinterpret_cast<unsigned char*>(a.k_bits) + row * a.k_words * 4;
+  const int64_t row0 = int64_t(bh) * a.nk_pad;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (q < a.k_words / 2) kb[c + 8 * q] = static_cast<unsigned char>(bytes[q]);
-  }
-  if (c == 0) {
-    // -(1.5 * 2^24) - 2 p(k_j): exact in fp32 (2-unit steps in that binade), see kernel.h.
-    a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));
-    if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = j < a.Nk ? fabsf(bj) : 0.0f;
-  }
-  if (c == 1 && a.relpos_off != nullptr && bh == 0) {
-    int off = 0;
-    if (j < a.Nk && j >= a.relpos_prefix) {
-      const int pj = j - a.relpos_prefix;
-      off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
+  for (int i = 0; i < kPackRowsPerThread; ++i) {
+    const int j = j0 + i * (kPackThreads / 8);
+    const uint32_t flip = bj[i] < 0.0f ? 0xFFu : 0u;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (c + 8 * q < d_bytes) bytes[i][q] ^= flip;
     }
-    a.relpos_off[j] = off;
+    // Row popcount over the row's 8 lanes (rows never straddle an 8-lane group).
+    int pc = __popc(bytes[i][0]) + __popc(bytes[i][1]) + __popc(bytes[i][2]) + __popc(bytes[i][3]);
+    pc += __shfl_xor_sync(0xffffffffu, pc, 1);
+    pc += __shfl_xor_sync(0xffffffffu, pc, 2);
+    pc += __shfl_xor_sync(0xffffffffu, pc, 4);
+    const int64_t row = row0 + j;
+    unsigned char* kb = reinterpret_cast<unsigned char*>(a.k_bits) + row * a.k_words * 4;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (q < a.k_words / 2) kb[c + 8 * q] = static_cast<unsigned char>(bytes[i][q]);
+    }
+    if (c == 0) {
+      // -(1.5 * 2^24) - 2 p(k_j): exact in fp32 (2-unit steps in that binade), see kernel.h.
+      a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));
+      if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = j < a.Nk ? fabsf(bj[i]) : 0.0f;
+    }
+    if (c == 1 && a.relpos_off != nullptr && bh == 0) {
+      int off = 0;
+      if (j < a.Nk && j >= a.relpos_prefix) {
+        const int pj = j - a.relpos_prefix;
+        off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
+      }
+      a.relpos_off[j] = off;
+    }
   }
 }
 

@@ -236,9 +236,8 @@ bool run_case(const Case& c) {
     PackKeysArgs pk{};
     pk.k = kf.data();
     pk.k_stride[2] = d; pk.k_stride[1] = int64_t(Nk) * d; pk.k_stride[0] = int64_t(H) * Nk * d;
-    pk.H = H; pk.Nk = Nk; pk.d = d; pk.k_words = k_words; pk.nk_pad = nk_pad;
-    pk.rows = int64_t(B) * H * nk_pad;
-    pk.pack_blocks = (pk.rows * 8 + kPackThreads - 1) / kPackThreads;
+    pk.H = H; pk.Nk = Nk; pk.d = d; pk.k_words = k_words;
+    set_pack_grid(pk, int64_t(B) * H, nk_pad);
     pk.k_scale = khead.data();
     pk.k_scale_stride[0] = c.per_token_k ? int64_t(H) * Nk : H;
     pk.k_scale_stride[1] = c.per_token_k ? Nk : 1;
