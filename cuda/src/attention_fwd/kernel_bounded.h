@@ -591,6 +591,15 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   }
 
   // ============================================================================== fixed max
+  // BINFORMER_FWD_POLY_EXP_EVERY = k (a measurement knob, default 0): every k-th n8 block of the
+  // unmasked tiles computes 2^z on the FMA pipes (exp2_poly.h) instead of the MUFU.
+  template <bool kMask>
+  __device__ __forceinline__ static bool poly_exp_block(int nb) {
+    constexpr int kPoly = BINFORMER_FWD_POLY_EXP_EVERY;
+    if constexpr (kPoly > 0 && !kMask) return nb % (kPoly > 0 ? kPoly : 1) == kPoly - 1;
+    return false;
+  }
+
   // P = 2^z, streamed one k16 key step at a time.
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile(const unsigned char* st, int key0, int warp_limit) {
@@ -615,10 +624,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         }
         float z[kMT][4];
         scores_nb<kMask>(z, st, nb, key0);
-        // BINFORMER_FWD_POLY_EXP_EVERY = k: every k-th n8 block of unmasked tiles on the FMA pipes.
-        constexpr int kPoly = BINFORMER_FWD_POLY_EXP_EVERY;
-        constexpr bool kAnyPoly = kPoly > 0;
-        const bool poly = kAnyPoly && !kMask && nb % (kAnyPoly ? kPoly : 1) == kPoly - 1;
+        const bool poly = poly_exp_block<kMask>(nb);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -677,9 +683,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
           }
           float z[kMT][4];
           scores_nb<kMask>(z, st, nb, key0);
+          const bool poly = poly_exp_block<kMask>(nb);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pe = ex2_approx(z[0][e]);  // masked: 2^-inf = 0
+            const float pe = poly ? ex2_poly(z[0][e]) : ex2_approx(z[0][e]);  // masked: 2^-inf = 0
             p[0][hf][e] = pe;
             l_run[e / 2] += pe;
           }
