@@ -27,17 +27,24 @@ __device__ __forceinline__ uint32_t row_word_mask(int w, int d) {
   return n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
 }
 
-// Signs of 8 consecutive 16-bit elements held in a uint4 (element e in bits 16*(e%2) of word e/2).
+// Bits 15 and 31 of a word of two 16-bit elements: set where that element is < 0, i.e. sign set,
+// magnitude nonzero (-0 is not negative) and not NaN (magnitude above the infinity encoding), on
+// both halves at once: magnitudes are < 0x8000, so the adds never carry into the other half.
+template <bool kBF16>
+__device__ __forceinline__ uint32_t negative_pair_bits(uint32_t w) {
+  constexpr uint32_t kNanAdd = kBF16 ? 0x007F007Fu : 0x03FF03FFu;  // mag + this >= 0x8000 <=> NaN
+  const uint32_t mag = w & 0x7FFF7FFFu;
+  return w & (mag + 0x7FFF7FFFu) & ~(mag + kNanAdd) & 0x80008000u;
+}
+
+// Signs of 8 consecutive 16-bit elements held in a uint4 (element e in bits 16*(e%2) of word e/2):
+// ~5 instructions per pair instead of ~5 per element (the per-element test of sign_bit_f16).
 template <bool kBF16>
 __device__ __forceinline__ uint32_t signs_of_8x16(uint4 v) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-  uint32_t bits = 0;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const uint32_t h = (w[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
-    bits |= (kBF16 ? sign_bit_bf16(h) : sign_bit_f16(h)) << e;
-  }
-  return bits;
+  // element 2i at bit 2i, element 2i + 1 at bit 16 + 2i
+  const uint32_t n = (negative_pair_bits<kBF16>(v.x) >> 15) | (negative_pair_bits<kBF16>(v.y) >> 13) |
+                     (negative_pair_bits<kBF16>(v.z) >> 11) | (negative_pair_bits<kBF16>(v.w) >> 9);
+  return ~(n | (n >> 15)) & 0xFFu;
 }
 
 __device__ __forceinline__ uint32_t signs_of_4x32(uint4 v) {
