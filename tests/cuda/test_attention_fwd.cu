@@ -863,8 +863,10 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
 // an H100 the AttentionFwd suite above runs it wherever it applies. Both paths stay tested on
 // every case that takes the bounded wgmma-capable path (fp16/bf16 V, no dense bias, no per-token
 // k scale, Dv = 64, and since v5 Dv = 72, 80, 96, 128), plus longer key ranges: AttentionFwdSm90
-// forces BINFORMER_FWD_SM90=1 and BINFORMER_FWD_SM90_WIDE=1 (=2 when set so by the caller: the
-// 1-block kernels; skipped on devices other than compute capability 9.0), AttentionFwdMmaSync forces BINFORMER_FWD_SM90=0 (the mma.sync bounded kernels,
+// forces BINFORMER_FWD_SM90=1, BINFORMER_FWD_SM90_WIDE=1 (=2 when set so by the caller: the
+// 1-block kernels; skipped on devices other than compute capability 9.0) and
+// BINFORMER_FWD_SM90_NARROW=0 (Dv = 64 on the wide block; AttentionFwdSm90Narrow below forces the
+// narrow one), AttentionFwdMmaSync forces BINFORMER_FWD_SM90=0 (the mma.sync bounded kernels,
 // every device). With BINFORMER_FWD_SM90_LOG=1 the library prints
 // one line when the wgmma kernel is first launched.
 bool have_sm90_device() {
@@ -955,10 +957,41 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
   // Dv 72..128 too (v5): 2 blocks/SM unless the caller asked for the 1-block kernels (=2).
   const char* wide = std::getenv("BINFORMER_FWD_SM90_WIDE");
   ScopedEnv sm90_wide("BINFORMER_FWD_SM90_WIDE", wide != nullptr && std::string(wide) == "2" ? "2" : "1");
+  // Dv = 64 on the wide (two-warpgroup) block; AttentionFwdSm90Narrow runs the narrow one.
+  ScopedEnv sm90_narrow("BINFORMER_FWD_SM90_NARROW", "0");
   run_against_reference(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name + "_" + std::to_string(info.index);
+                         });
+
+// The narrow one-warpgroup block of the Dv = 64 wgmma kernel (v8: 64 rows, 4 blocks per SM;
+// launch.h takes it for Nk <= BINFORMER_FWD_SM90_NARROW_MAX_NK unless BINFORMER_FWD_SM90_NARROW
+// says otherwise): forced with BINFORMER_FWD_SM90_NARROW=1 on every Dv = 64 case above (causal,
+// rel-pos, bf16, every QK^T form, the long ones too).
+std::vector<Case> sm90_narrow_cases() {
+  std::vector<Case> cs;
+  for (Case c : sm90_cases()) {
+    if (c.dv != 64) continue;
+    c.name = "narrow_" + c.name.substr(5);
+    cs.push_back(c);
+  }
+  return cs;
+}
+
+class AttentionFwdSm90Narrow : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionFwdSm90Narrow, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
+  if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
+  ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
+  ScopedEnv narrow("BINFORMER_FWD_SM90_NARROW", "1");
+  run_against_reference(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90Narrow, ::testing::ValuesIn(sm90_narrow_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            return info.param.name + "_" + std::to_string(info.index);
                          });

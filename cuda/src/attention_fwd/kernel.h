@@ -50,12 +50,13 @@ __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) 
 
 // kQK != kRuntime selects the bounded-max kernel of kernel_bounded.h (fp16/bf16 V, no dense
 // bias, no per-token k scale; kBoundedRelPos_: with the rel-pos bias); kHasBias_ the online
-// kernel's dense and/or rel-pos bias. kBoundedWide_: the bounded kernels' 8-warp block shape at
-// Dv <= 64 (tile_config.h). kWgmma_: the bounded kernel's sm_90a variant (kernel_bounded.h with
-// pv_wgmma.h): P.V by wgmma with V in a swizzled shared-memory layout, Dv = 64, 72, 80, 96, 128.
+// kernel's dense and/or rel-pos bias. kBoundedShape_: the bounded kernels' block shape at
+// Dv <= 64 (tile_config.h BoundedShape). kWgmma_: the bounded kernel's sm_90a variant
+// (kernel_bounded.h with pv_wgmma.h): P.V by wgmma with V in a swizzled shared-memory layout,
+// Dv = 64, 72, 80, 96, 128.
 template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
-          bool kBoundedRelPos_ = false, bool kBoundedWide_ = true, bool kWgmma_ = false,
-          int kWgmmaWideBlocks_ = 2>
+          bool kBoundedRelPos_ = false, BoundedShape kBoundedShape_ = BoundedShape::kWide,
+          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
@@ -68,16 +69,19 @@ struct FwdTraits {
   static_assert(!kBounded || (!kHasBias && (kPv == PvKind::kF16 || kPv == PvKind::kBF16)),
                 "bounded kernels: fp16/bf16 V without a dense bias");
   static_assert(kBounded || !kBoundedRelPos, "kBoundedRelPos is a bounded-kernel option");
-  // The sm_90a P.V (pv_wgmma.h): warpgroups of 4 warps x 1 m-tile (rows 16w + 64 * warpgroup,
-  // the wide bounded shape), one m64nDvk16 wgmma per k16 key step, V tiles in the swizzled
-  // canonical layout of WgmmaVLayout (Dv * 2 bytes a key, no padding).
+  // The sm_90a P.V (pv_wgmma.h): warpgroups of 4 warps x 1 m-tile (rows 16w + 64 * warpgroup:
+  // the wide shape has two, the narrow shape one), one m64nDvk16 wgmma per k16 key step, V tiles
+  // in the swizzled canonical layout of WgmmaVLayout (Dv * 2 bytes a key, no padding).
   static constexpr bool kWgmma = kWgmma_;
-  static_assert(!kWgmma || (kBounded && kBoundedWide_ && !kDvMasked_ &&
+  static_assert(!kWgmma || (kBounded && kBoundedShape_ != BoundedShape::k4x2 && !kDvMasked_ &&
                             (kDvPad_ == 64 || kDvPad_ == 72 || kDvPad_ == 80 || kDvPad_ == 96 ||
                              kDvPad_ == 128)),
-                "wgmma P.V: bounded kernels, wide shape (8 warps x 1 m-tile), Dv = 64..128 exactly");
+                "wgmma P.V: bounded kernels, one m-tile per warp, Dv = 64..128 exactly");
+  static_assert(kBoundedShape_ != BoundedShape::kNarrow || (kBounded && kDvPad_ <= 64),
+                "the narrow (one-warpgroup) block shape: bounded kernels at Dv <= 64");
+  static constexpr BoundedShape kBoundedShape = kBoundedShape_;
   static constexpr TileShape kShape =
-      kBounded ? fwd_bounded_tile_shape(kDvPad, kBoundedWide_) : fwd_tile_shape(kPv, kDvPad, kHasBias);
+      kBounded ? fwd_bounded_tile_shape(kDvPad, kBoundedShape_) : fwd_tile_shape(kPv, kDvPad, kHasBias);
   static constexpr int kWarps = kShape.warps;
   static constexpr int kMTiles = kShape.m_tiles;
   static constexpr int kBlockN = kShape.block_n;
@@ -87,11 +91,12 @@ struct FwdTraits {
   static constexpr int kNBlocks = kBlockN / 8;  // n8 score blocks per tile
   static constexpr int kDvBlocks = kDvPad / 8;  // n8 output blocks
   // The bounded kernels at Dv <= 64 keep no score tile in registers: 2 blocks of 8 warps x 1
-  // m-tile (<= 128 registers) or 3 blocks of 4 warps x 2 m-tiles (<= 168) per SM (tile_config.h).
+  // m-tile or 4 blocks of 4 warps x 1 m-tile (<= 128 registers), or 3 blocks of 4 warps x 2
+  // m-tiles (<= 168) per SM (tile_config.h).
   // The wgmma kernels at Dv = 72..128 hold no V fragments either: kWgmmaWideBlocks_ blocks of 8
   // warps per SM (2: 128 registers, a few spills at Dv = 128; 1: up to 255 registers).
   static constexpr int kMinBlocksPerSm =
-      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : 3)
+      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : kMTiles == 1 ? 4 : 3)
       : kWgmma                 ? kWgmmaWideBlocks_
                                : (kThreads >= 256 ? 1 : 2);
 

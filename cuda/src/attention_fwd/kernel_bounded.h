@@ -38,9 +38,10 @@
 // sm_90a (Tr::kWgmma, pv_wgmma.h): the same kernel with P.V on wgmma. Differences: V tiles in the
 // 128-byte-swizzled layout; every decision that selects a code path containing a wgmma (fixed /
 // online, masked steps) is uniform per warpgroup (wgmma is .aligned: all 4 warps must execute the
-// same instruction), i.e. the fixed flag is voted per block and the masked-step limit covers the
-// warpgroup's 64 rows; the accumulator is read or rescaled only after wgmma.wait_group 0
-// (pv_drain), and every tile is drained before the barrier that lets its stage be overwritten.
+// same instruction), i.e. the fixed flag is voted per block (one or two warpgroups: the narrow
+// and wide shapes of tile_config.h) and the masked-step limit covers the warpgroup's 64 rows;
+// the accumulator is read or rescaled only after wgmma.wait_group 0 (pv_drain), and every tile
+// is drained before the barrier that lets its stage be overwritten.
 #pragma once
 #include "kernel.h"
 #include "pv_wgmma.h"
@@ -90,6 +91,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
   static_assert(kGroupSteps == 1 || kGroupSteps == 2, "wgmma group: 1 or 2 k16 steps");
   static_assert(!kWgmma || kMT == 1, "wgmma: one m-tile per warp (rows 16 w of the warpgroup)");
+  // The wide shape is two warpgroups, the narrow one (BoundedShape::kNarrow) one: each owns 64 rows.
+  static_assert(!kWgmma || (kThreads % 128 == 0 && kBlockM == kThreads / 2), "wgmma: whole warpgroups");
   // The wgmma V tile layout (pv_wgmma.h; unused without kWgmma).
   using VLayout = WgmmaVLayout<kWgmma ? Tr::kDvPad : 64, kBlockN>;
   // log2 of the largest P, and the value every row maximum must reach before it is fixed.

@@ -75,6 +75,25 @@ inline int relpos_window_floats(const FwdArgs& args, int block_m) {
   return most + 3;
 }
 
+// Sizes the rel-pos window (or the streamed slices) of the bounded kernels for blocks of block_m
+// rows. false: neither fits under kBoundedRelPosWindowCapBytes (the online bias kernel runs).
+// A shape with fewer rows needs at most the window / slice of one with more (its blocks lie
+// inside theirs), so what fits at 128 rows fits at 64.
+inline bool size_bounded_relpos(FwdArgs& args, int block_m, int block_n, int stages) {
+  args.relpos_stream = false;
+  args.relpos_window = relpos_window_floats(args, block_m);
+  const int stream_mode = fwd_relpos_stream_mode();
+  const bool too_big = size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes);
+  if (too_big && stream_mode == 0) return false;
+  if (stream_mode == 1 || too_big) {
+    args.relpos_stream = true;
+    args.relpos_slice = relpos_slice_floats(args, block_m, block_n);
+    // (grids wider than ~2700 patches) the online bias kernel
+    if (fwd_bounded_relpos_smem(args, stages) > size_t(kBoundedRelPosWindowCapBytes)) return false;
+  }
+  return true;
+}
+
 // The sm_90a wgmma P.V variant of the bounded kernels (kernel_bounded.h, pv_wgmma.h) is the
 // default on compute capability 9.0 devices whose binary holds sm_90a code, for fp16/bf16 V with
 // Dv = 64 (any d, causal, rel-pos); measured on the H100 (device run 14, NOTES v4): 4096/64
@@ -86,6 +105,17 @@ inline int relpos_window_floats(const FwdArgs& args, int block_m) {
 inline bool fwd_wgmma_requested() {
   const char* env = std::getenv("BINFORMER_FWD_SM90");
   return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// BINFORMER_FWD_SM90_NARROW (read at every call; Dv = 64 wgmma only): 1 runs every call on the
+// narrow one-warpgroup shape (64 rows, 4 blocks/SM; tile_config.h BoundedShape), 0 never (the
+// wide 128-row shape, 2 blocks/SM, as before v8); unset: narrow when Nk <=
+// BINFORMER_FWD_SM90_NARROW_MAX_NK (tile_config.h: why, and which shapes that takes).
+inline bool fwd_wgmma_narrow(const FwdArgs& args) {
+  const char* env = std::getenv("BINFORMER_FWD_SM90_NARROW");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return args.Nk <= BINFORMER_FWD_SM90_NARROW_MAX_NK;
 }
 
 // BINFORMER_FWD_SM90_WIDE: 0 mma.sync, 1 (unset) wgmma at 2 blocks/SM, 2 wgmma at 1 block/SM.
@@ -102,7 +132,12 @@ inline int fwd_wgmma_wide_mode() {
 template <class Tr>
 cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
-  if (Tr::kBoundedRelPos) smem += fwd_bounded_relpos_smem(args, Tr::kStages);
+  if constexpr (Tr::kBoundedRelPos) {
+    // The window / slices of this shape's blocks (run_bounded checked the 128-row shape, which
+    // needs at least as much: this cannot fail after that).
+    if (!size_bounded_relpos(args, Tr::kBlockM, Tr::kBlockN, Tr::kStages)) return cudaErrorInvalidConfiguration;
+    smem += fwd_bounded_relpos_smem(args, Tr::kStages);
+  }
   if constexpr (Tr::kWgmma) {
     static const bool has_code = kernel_has_sm90a_code(attention_fwd_bounded_wgmma_kernel<Tr>);
     if (!has_code) return cudaErrorNotSupported;  // the caller falls back to mma.sync
@@ -111,8 +146,9 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
       logged = true;
       const char* log = std::getenv("BINFORMER_FWD_SM90_LOG");
       if (log != nullptr && std::strcmp(log, "1") == 0) {
-        std::fprintf(stderr, "binformer: attention_fwd sm_90a wgmma P.V kernel (Dv %d, %s V, d form %d, rel-pos %d)\n",
-                     Tr::kDvPad, Tr::kPv == PvKind::kBF16 ? "bf16" : "fp16", int(Tr::kQK), int(Tr::kBoundedRelPos));
+        std::fprintf(stderr, "binformer: attention_fwd sm_90a wgmma P.V kernel (Dv %d, %s V, d form %d, rel-pos %d, %d-row blocks)\n",
+                     Tr::kDvPad, Tr::kPv == PvKind::kBF16 ? "bf16" : "fp16", int(Tr::kQK), int(Tr::kBoundedRelPos),
+                     Tr::kBlockM);
       }
     }
     return launch_kernel<Tr>(attention_fwd_bounded_wgmma_kernel<Tr>, args, smem, stream);
@@ -121,17 +157,17 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   }
 }
 
-template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, bool kWide, bool kWgmma = false,
+template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, BoundedShape kShape, bool kWgmma = false,
           int kWgmmaWideBlocks = 2>
 cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
   constexpr int kB = kWgmmaWideBlocks;
   if (args.d <= 64) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kWide, kWgmma, kB>>(args, stream);
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kShape, kWgmma, kB>>(args, stream);
   }
   if (args.d <= 128) {
-    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kWide, kWgmma, kB>>(args, stream);
+    return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK128, kRelPos, kShape, kWgmma, kB>>(args, stream);
   }
-  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kWide, kWgmma, kB>>(args, stream);
+  return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos, kShape, kWgmma, kB>>(args, stream);
 }
 
 // fp16/bf16 V without a dense bias and without a per-token k scale: the bounded-max kernels
@@ -139,37 +175,32 @@ cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
 // Returns false (nothing launched) when the rel-pos window does not fit in shared memory.
 template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos>
 cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
+  // Whether the rel-pos table fits, decided for the 128-row shapes (every shape but the narrow
+  // one; launch_bounded sizes it again for the shape it launches).
   using Probe = FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kK256, kRelPos>;
-  args.relpos_stream = false;
+  static_assert(!kRelPos || Probe::kBlockM == 128, "the probe is the largest bounded block");
   if (kRelPos) {
-    args.relpos_window = relpos_window_floats(args, Probe::kBlockM);
-    const int stream_mode = fwd_relpos_stream_mode();
-    const bool too_big = size_t(args.relpos_window) * sizeof(float) > size_t(kBoundedRelPosWindowCapBytes);
-    if (too_big && stream_mode == 0) {
+    FwdArgs probe = args;
+    if (!size_bounded_relpos(probe, Probe::kBlockM, Probe::kBlockN, Probe::kStages)) {
       launched = false;
       return cudaSuccess;
     }
-    if (stream_mode == 1 || too_big) {
-      args.relpos_stream = true;
-      args.relpos_slice = relpos_slice_floats(args, Probe::kBlockM, Probe::kBlockN);
-      if (fwd_bounded_relpos_smem(args, Probe::kStages) > size_t(kBoundedRelPosWindowCapBytes)) {
-        launched = false;  // (grids wider than ~2700 patches) the online bias kernel
-        return cudaSuccess;
-      }
-    }
   }
   launched = true;
-  // sm_90a: wgmma P.V (8-warp shape = two warpgroups, every key range) unless BINFORMER_FWD_SM90=0.
+  using S = BoundedShape;
+  // sm_90a: wgmma P.V unless BINFORMER_FWD_SM90=0; Dv = 64 on the narrow (one warpgroup) or wide
+  // (two warpgroups) shape, see fwd_wgmma_narrow.
   constexpr bool kWgmmaWidth = kDvPad == 64 || kDvPad == 72 || kDvPad == 80 || kDvPad == 96 || kDvPad == 128;
   if constexpr (kWgmmaWidth && !kDvMasked) {
     const int wide_mode = kDvPad == 64 ? 1 : fwd_wgmma_wide_mode();
     if (fwd_wgmma_requested() && wide_mode != 0 && device_is_sm90()) {
       cudaError_t err;
       if constexpr (kDvPad == 64) {
-        err = run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true>(args, stream);
+        err = fwd_wgmma_narrow(args) ? run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kNarrow, true>(args, stream)
+                                     : run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide, true>(args, stream);
       } else {
-        err = wide_mode == 1 ? run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true, 2>(args, stream)
-                             : run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true, true, 1>(args, stream);
+        err = wide_mode == 1 ? run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide, true, 2>(args, stream)
+                             : run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide, true, 1>(args, stream);
       }
       if (err != cudaErrorNotSupported) return err;
     }
@@ -177,10 +208,10 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
   // Dv <= 64 without rel-pos: the 4-warp shape for long key ranges (tile_config.h).
   if constexpr (kDvPad <= 64 && !kRelPos) {
     if (args.Nk > BINFORMER_FWD_BOUNDED_WIDE_MAX_NK) {
-      return run_bounded_qk<kDvPad, kPv, kDvMasked, false, false>(args, stream);
+      return run_bounded_qk<kDvPad, kPv, kDvMasked, false, S::k4x2>(args, stream);
     }
   }
-  return run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, true>(args, stream);
+  return run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide>(args, stream);
 }
 
 template <int kDvPad, PvKind kPv, bool kDvMasked>

@@ -29,7 +29,7 @@
 #ifndef BINFORMER_FWD_BOUNDED_BLOCK_N
 #define BINFORMER_FWD_BOUNDED_BLOCK_N 128  // key tile of the bounded kernels at Dv <= 64
 #endif
-// The bounded kernels at Dv <= 64 come in two block shapes of 128 rows: 4 warps x 2 m-tiles at
+// The mma.sync bounded kernels at Dv <= 64 run two block shapes of 128 rows: 4 warps x 2 m-tiles at
 // 168 registers, 3 blocks (12 warps) per SM, and 8 warps x 1 m-tile at 128 registers, 2 blocks
 // (16 warps) per SM. Measured on the H100 (cuda/NOTES_attention_fwd.md, v3): the 8-warp shape
 // is 10-18% faster on short key ranges and with rel-pos, 4% slower at Nk >= 4096 without bias
@@ -37,6 +37,19 @@
 // 8-warp shape with rel-pos and for Nk <= this bound.
 #ifndef BINFORMER_FWD_BOUNDED_WIDE_MAX_NK
 #define BINFORMER_FWD_BOUNDED_WIDE_MAX_NK 1024
+#endif
+// The sm_90a wgmma kernel at Dv = 64 runs the narrow one-warpgroup shape (BoundedShape::kNarrow,
+// 64 rows, 4 blocks per SM) for Nk <= this bound unless BINFORMER_FWD_SM90_NARROW says otherwise
+// (launch.h). Why (not yet measured, NOTES v8): ncu of ViT-B (Nk = 197) shows a 128-row block
+// living ~10.6 us for ~4.7 us of tile work; the Q load / sign pack and the epilogue are latency
+// that 2 blocks per SM do not hide. Up to ~16 key tiles that fixed cost is >= ~15% of a block's
+// life, and 4 blocks of 64 rows overlap it better at the same 16 warps per SM; beyond it the
+// doubled K / V tile copies per query row (every 64-row block copies whole tiles: ~2.3 B of L2
+// traffic per score element instead of ~1.15) and their issue slots weigh more. 2048 takes ViT-B,
+// ViT-L (577) and med3d (1680, whose 1344 wide blocks are 5.09 waves of 264, the narrow 2592 are
+// 4.91 of 528) and leaves 4096 / 16384 on the wide shape.
+#ifndef BINFORMER_FWD_SM90_NARROW_MAX_NK
+#define BINFORMER_FWD_SM90_NARROW_MAX_NK 2048
 #endif
 
 namespace binformer::cuda::fwd {
@@ -85,14 +98,26 @@ BINFORMER_FWD_HD constexpr TileShape fwd_tile_shape(PvKind pv, int dv_pad, bool 
   return shape;
 }
 
+// The block shapes of the bounded kernels at Dv <= 64 (a FwdTraits parameter; Dv > 64 always
+// runs 8 warps x 1 m-tile):
+//   k4x2    4 warps x 2 m-tiles = 128 rows, 168 registers, 3 blocks (12 warps) per SM (v2);
+//   kWide   8 warps x 1 m-tile = 128 rows (two warpgroups), 128 registers, 2 blocks per SM (v3);
+//   kNarrow 4 warps x 1 m-tile = 64 rows (one warpgroup), 128 registers, 4 blocks per SM (v8):
+//           the same 16 warps per SM as kWide, but short key ranges (a block visits 2-14 tiles)
+//           overlap the Q-load / epilogue latency of 4 independent blocks instead of 2.
+// (The values of k4x2 / kWide are those of the former bool `wide`.)
+enum class BoundedShape : int { k4x2 = 0, kWide = 1, kNarrow = 2 };
+
 // The bounded-max kernels (kernel_bounded.h: fp16/bf16 V, no dense bias, no per-token k scale)
 // stream every k16 key step through scores -> exp -> P.V without a tile-wide maximum, so their
 // registers do not grow with the key tile: 128-key tiles halve the per-tile overhead (barrier,
 // copy issue, loop) at Dv <= 64. Dv > 64 keeps 64-key tiles (the V tile is 2*Dv bytes a key).
-// wide: the 8-warp shape at Dv <= 64 (see BINFORMER_FWD_BOUNDED_WIDE_MAX_NK).
-BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad, bool wide) {
+BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad, BoundedShape shape) {
   const int st = BINFORMER_FWD_STAGES;
-  if (dv_pad <= 64) return TileShape{wide ? 8 : 4, wide ? 1 : 2, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
+  if (dv_pad <= 64) {
+    const int warps = shape == BoundedShape::kWide ? 8 : 4;
+    return TileShape{warps, shape == BoundedShape::k4x2 ? 2 : 1, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
+  }
   return TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
 }
 

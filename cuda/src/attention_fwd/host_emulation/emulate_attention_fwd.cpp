@@ -28,8 +28,9 @@ namespace ref = binformer::test::attention_fwd_ref;
 
 namespace {
 
-// kOnlineBias: rel-pos via kernel.h; kWgmma: the bounded kernel's sm_90a variant (Dv = 64).
-enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma };
+// kOnlineBias: rel-pos via kernel.h; kWgmma: the bounded kernel's sm_90a variant (Dv = 64..128);
+// kWgmmaNarrow: the same on the narrow one-warpgroup block (64 rows, Dv = 64).
+enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma, kWgmmaNarrow };
 
 struct Case {
   std::string name;
@@ -80,7 +81,13 @@ template <class Tr>
 void launch(FwdArgs args) {
   args.num_m_blocks = (args.Nq + Tr::kBlockM - 1) / Tr::kBlockM;
   size_t smem = Tr::kSmemFixed + Tr::kSmemAlignSlack;
-  if (Tr::kBoundedRelPos) {  // as launch.h's fwd_bounded_relpos_smem
+  if (Tr::kBoundedRelPos) {  // as launch.h's size_bounded_relpos / fwd_bounded_relpos_smem
+    int most = 0;  // the window of this shape's blocks (exact: the emulated smem aborts past it)
+    for (int m0 = 0; m0 < args.Nq; m0 += Tr::kBlockM) {
+      most = std::max(most, fwd_relpos_window(m0, Tr::kBlockM, args.Nq, args.relpos_prefix, args.relpos_wh,
+                                              args.relpos_ww).len);
+    }
+    args.relpos_window = most + 3;
     if (args.relpos_stream) {
       args.relpos_slice = ((Tr::kBlockM - 1) / args.relpos_ww + (Tr::kBlockN - 1) / args.relpos_ww + 3) *
                           (2 * args.relpos_ww - 1);
@@ -93,11 +100,11 @@ void launch(FwdArgs args) {
                         smem, args);
 }
 
-template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false>
+template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide>
 void dispatch(FwdArgs& args) {
-  if (args.d <= 64) launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos, true, kWgmma>>(args);
-  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, true, kWgmma>>(args);
-  else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos, true, kWgmma>>(args);
+  if (args.d <= 64) launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos, kShape, kWgmma>>(args);
+  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, kWgmma>>(args);
+  else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos, kShape, kWgmma>>(args);
 }
 
 template <int kDv, PvKind kPv, bool kRelPos>
@@ -112,6 +119,14 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();  // the wgmma path must have run
     } else {
       std::abort();  // (Dv = 64 .. 128 only)
+    }
+  } else if (kernel == Kernel::kWgmmaNarrow) {
+    if constexpr (kDv == 64) {
+      const long long before = wgmma_emulation::wgmma_issued_total();
+      dispatch<kDv, kPv, kRelPos, true, BoundedShape::kNarrow>(args);
+      if (wgmma_emulation::wgmma_issued_total() == before) std::abort();
+    } else {
+      std::abort();  // (Dv = 64 only)
     }
   } else if (kernel == Kernel::kOnline) {
     using Tr = FwdTraits<kDv, kPv, false, false>;
@@ -293,11 +308,7 @@ bool run_case(const Case& c) {
     args.relpos_wh = c.wh; args.relpos_ww = c.ww; args.relpos_prefix = c.prefix; args.relpos_table_size = T;
     args.relpos_range = range.data();
     args.relpos_in_smem = true;  // (the online bias kernel's table copy)
-    const int bm = dv <= 64 ? 4 * 2 * 16 : 128;
-    int most = 0;
-    for (int m0 = 0; m0 < Nq; m0 += bm) most = std::max(most, fwd_relpos_window(m0, bm, Nq, c.prefix, c.wh, c.ww).len);
-    args.relpos_window = most + 3;
-    args.relpos_stream = c.relpos_stream;
+    args.relpos_stream = c.relpos_stream;  // (launch() sizes the window / slices per shape)
   }
   args.causal = c.causal;
   if (c.bf16) {
@@ -440,6 +451,22 @@ int main(int argc, char** argv) {
     w.kernel = Kernel::kBounded; w.name = "stream_relpos_30x7_causal"; w.wh = 30; w.ww = 7; w.prefix = 0;
     w.Nq = w.Nk = 210; w.causal = true; st.push_back(w);
     for (Case& c : st) add(c);
+  }
+  {  // the narrow one-warpgroup shape (v8: 64-row blocks, BINFORMER_FWD_SM90_NARROW) on every
+     // Dv = 64 wgmma case above, streamed rel-pos included (plain, causal, rel-pos, bf16, the three
+     // QK^T forms, Nk = 45 .. 1100, Nq not a multiple of 64), plus ViT-B's 197 x 197 and the k128
+     // form over 6 key tiles
+    std::vector<Case> nw;
+    for (const Case& c : cases) {
+      if (c.kernel != Kernel::kWgmma || c.dv != 64) continue;
+      Case w = c;
+      w.kernel = Kernel::kWgmmaNarrow;
+      w.name.replace(w.name.find("wgmma_"), 6, "narrow_");
+      nw.push_back(w);
+    }
+    Case c; c.kernel = Kernel::kWgmmaNarrow; c.name = "narrow_vitb_197"; c.Nq = c.Nk = 197; nw.push_back(c);
+    c.name = "narrow_d128_nk700_bf16"; c.d = 128; c.bf16 = true; c.Nq = 130; c.Nk = 700; nw.push_back(c);
+    for (Case& w : nw) add(w);
   }
   bool all = true;
   for (const Case& c : cases) {
