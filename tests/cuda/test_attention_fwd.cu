@@ -968,7 +968,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases
                          });
 
 // The narrow one-warpgroup block of the Dv = 64 wgmma kernel (v8: 64 rows, 4 blocks per SM;
-// launch.h takes it for Nk <= BINFORMER_FWD_SM90_NARROW_MAX_NK unless BINFORMER_FWD_SM90_NARROW
+// launch.h takes it without rel-pos for Nk >= BINFORMER_FWD_SM90_NARROW_MIN_NK unless BINFORMER_FWD_SM90_NARROW
 // says otherwise): forced with BINFORMER_FWD_SM90_NARROW=1 on every Dv = 64 case above (causal,
 // rel-pos, bf16, every QK^T form, the long ones too).
 std::vector<Case> sm90_narrow_cases() {

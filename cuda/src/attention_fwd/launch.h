@@ -109,13 +109,13 @@ inline bool fwd_wgmma_requested() {
 
 // BINFORMER_FWD_SM90_NARROW (read at every call; Dv = 64 wgmma only): 1 runs every call on the
 // narrow one-warpgroup shape (64 rows, 4 blocks/SM; tile_config.h BoundedShape), 0 never (the
-// wide 128-row shape, 2 blocks/SM, as before v8); unset: narrow when Nk <=
-// BINFORMER_FWD_SM90_NARROW_MAX_NK (tile_config.h: why, and which shapes that takes).
+// wide 128-row shape, 2 blocks/SM, as before v8); unset: narrow without rel-pos when Nk >=
+// BINFORMER_FWD_SM90_NARROW_MIN_NK (tile_config.h: the measurement behind it).
 inline bool fwd_wgmma_narrow(const FwdArgs& args) {
   const char* env = std::getenv("BINFORMER_FWD_SM90_NARROW");
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return args.Nk <= BINFORMER_FWD_SM90_NARROW_MAX_NK;
+  return args.relpos_table == nullptr && args.Nk >= BINFORMER_FWD_SM90_NARROW_MIN_NK;
 }
 
 // BINFORMER_FWD_SM90_WIDE: 0 mma.sync, 1 (unset) wgmma at 2 blocks/SM, 2 wgmma at 1 block/SM.

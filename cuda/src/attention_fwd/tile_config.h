@@ -39,17 +39,14 @@
 #define BINFORMER_FWD_BOUNDED_WIDE_MAX_NK 1024
 #endif
 // The sm_90a wgmma kernel at Dv = 64 runs the narrow one-warpgroup shape (BoundedShape::kNarrow,
-// 64 rows, 4 blocks per SM) for Nk <= this bound unless BINFORMER_FWD_SM90_NARROW says otherwise
-// (launch.h). Why (not yet measured, NOTES v8): ncu of ViT-B (Nk = 197) shows a 128-row block
-// living ~10.6 us for ~4.7 us of tile work; the Q load / sign pack and the epilogue are latency
-// that 2 blocks per SM do not hide. Up to ~16 key tiles that fixed cost is >= ~15% of a block's
-// life, and 4 blocks of 64 rows overlap it better at the same 16 warps per SM; beyond it the
-// doubled K / V tile copies per query row (every 64-row block copies whole tiles: ~2.3 B of L2
-// traffic per score element instead of ~1.15) and their issue slots weigh more. 2048 takes ViT-B,
-// ViT-L (577) and med3d (1680, whose 1344 wide blocks are 5.09 waves of 264, the narrow 2592 are
-// 4.91 of 528) and leaves 4096 / 16384 on the wide shape.
-#ifndef BINFORMER_FWD_SM90_NARROW_MAX_NK
-#define BINFORMER_FWD_SM90_NARROW_MAX_NK 2048
+// 64 rows, 4 blocks per SM) without rel-pos for Nk >= this bound unless BINFORMER_FWD_SM90_NARROW
+// says otherwise (launch.h). Measured (device run 21, H200, same process, whole op, us, wide ->
+// narrow): med3d (Nk 1680) 210.7 -> 188.4, 4096/64 615.1 -> 581.1, ViT-L (577) 192.4 -> 193.6,
+// ViT-B (197) 153.8 -> 159.4; with rel-pos narrow was slower on ViT-B (188 -> 206), ViT-L
+// (240 -> 257) and 4096 (789 -> 867), faster only on med3d (266 -> 254). (The prediction, NOTES
+// v8, was the reverse: gains on the short ranges from overlapping 4 blocks' prologues.)
+#ifndef BINFORMER_FWD_SM90_NARROW_MIN_NK
+#define BINFORMER_FWD_SM90_NARROW_MIN_NK 1024
 #endif
 
 namespace binformer::cuda::fwd {
