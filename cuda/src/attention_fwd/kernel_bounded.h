@@ -223,7 +223,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // Every copy of tile n_tile is (a per-block pointer + key0 * the bytes per key of its array:
   // uniform) + (a per-thread offset, fixed) -> (the stage) + (a per-thread offset, fixed): per
   // tile and 16-byte chunk one 64-bit add and the cp.async; V keeps a per-thread pointer
-  // (copy_setup). Until v8 each tile recomputed the head's base, the thread's row / column and
+  // (copy_setup). Before v9 each tile recomputed the head's base, the thread's row / column and
   // 64-bit products (86 SASS instructions a tile for the wgmma Dv = 64 kernel, ncu).
   //
   // V: every thread copies one 16-byte column c of the key rows r0, r0 + kVRowStep, ...:
@@ -337,12 +337,16 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // masked dv).
   template <bool kCheckKeys, class F>
   __device__ __forceinline__ void copy_v(int key0, int tid, const char* valid, F&& copy) const {
-    const int64_t v_row_bytes = a.v_stride[2] * 2;
+    // (unsigned 32 x 64-bit products, IMAD.WIDE.U32 + IMAD; modulo 2^64 they give the same
+    // address as the signed ones for any stride)
+    const uint64_t v_stride = uint64_t(a.v_stride[2]);
+    const char* v_tile = cp.v_src + uint64_t(uint32_t(2 * key0)) * v_stride;
+    const uint64_t v_pass = uint64_t(2 * kVRowStep) * v_stride;
 #pragma unroll
     for (int p = 0; p < kVPasses; ++p) {
       const int row = key0 + p * kVRowStep;  // (plus the thread's v_row0)
       const bool ok = (!kCheckKeys || row + v_row0(tid) < a.Nk) && (!Tr::kDvMasked || cp.v_bytes > 0);
-      const char* src = cp.v_src + int64_t(row) * v_row_bytes;
+      const char* src = v_tile + p * v_pass;
       copy(cp.v_dst + uint32_t(p) * kVPassBytes, ok ? src : valid, ok ? cp.v_bytes : 0);
     }
   }
