@@ -831,6 +831,25 @@ std::vector<Case> all_cases() {
     c.q_scale = c.k_scale = Scale::kPerHead;
     add(c);
   }
+  // The bounded kernels' output / V layouts (the v9 epilogue and copies; the cases above pad
+  // every row by 8 elements): contiguous rows (staged 16-byte stores), 4-byte aligned rows (pair
+  // stores), unaligned starts (scalar stores, synchronous V copies), Dv 64 and 128 (the 8-key V
+  // mapping of the Dv 128 wgmma kernel). (AttentionFwdSm90 / MmaSync run them on both paths.)
+  for (int dv : {64, 128}) {
+    for (auto [pad, offset] : std::vector<std::pair<int, int>>{{0, 0}, {2, 0}, {3, 1}}) {
+      Case c;
+      c.name = "layout_bounded";
+      c.v_dtype = dv == 128 ? DType::kBFloat16 : DType::kFloat16;
+      c.dv = dv;
+      c.pad = pad;
+      c.offset = offset;
+      c.Nq = 150;
+      c.Nk = 300;
+      c.q_scale = c.k_scale = Scale::kPerHead;
+      c.causal = offset == 1;
+      add(c);
+    }
+  }
   return cs;
 }
 

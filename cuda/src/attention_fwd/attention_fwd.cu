@@ -226,7 +226,8 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   args.out_dtype = p.out_dtype;
   for (int i = 0; i < 3; ++i) args.out_stride[i] = p.out_stride[i];
   const int oe = elem_bytes(p.out_dtype);
-  args.out_vec = rows_aligned(p.out, p.out_stride, 3, oe, 4 * oe)   ? 4
+  args.out_vec = rows_aligned(p.out, p.out_stride, 3, oe, 16)       ? 16 / oe
+                 : rows_aligned(p.out, p.out_stride, 3, oe, 4 * oe) ? 4
                  : rows_aligned(p.out, p.out_stride, 3, oe, 2 * oe) ? 2
                                                                      : 1;
   args.lse = p.lse;

@@ -44,7 +44,7 @@ struct FwdArgs {
   void* out;
   DType out_dtype;
   int64_t out_stride[3];
-  int out_vec;  // widest aligned store, in elements: 4, 2 or 1
+  int out_vec;  // widest aligned store, in elements: 16 bytes (8 fp16/bf16, 4 fp32), else 4, 2 or 1
   float* lse;   // [B,H,Nq] or nullptr
 
   // Row factor a_i (any broadcast) and, when k_scale is constant per (b,h), that constant.

@@ -874,39 +874,28 @@ struct FwdBlock {
   }
 
   // ============================================================================== epilogue
-  __device__ __forceinline__ void store_out(int i, int c, const float* vals, int n) const {
-    const int64_t off = int64_t(b) * a.out_stride[0] + int64_t(h) * a.out_stride[1] +
-                        int64_t(i) * a.out_stride[2] + c;
-    const bool vec = a.out_vec >= n;
-    if (a.out_dtype == DType::kFloat32) {
-      float* p = static_cast<float*>(a.out) + off;
-      if (vec && n == 4) {
-        *reinterpret_cast<float4*>(p) = make_float4(vals[0], vals[1], vals[2], vals[3]);
-      } else if (vec && n == 2) {
-        *reinterpret_cast<float2*>(p) = make_float2(vals[0], vals[1]);
-      } else {
-        for (int e = 0; e < n; ++e) p[e] = vals[e];
-      }
-    } else {
-      const bool bf = a.out_dtype == DType::kBFloat16;
-      uint16_t* p = static_cast<uint16_t*>(a.out) + off;
-      uint32_t pairs[2];
-      for (int e = 0; e < n / 2; ++e) {
-        pairs[e] = bf ? pack_pair<true>(vals[2 * e], vals[2 * e + 1])
-                      : pack_pair<false>(vals[2 * e], vals[2 * e + 1]);
-      }
-      if (vec && n == 4) {
-        *reinterpret_cast<uint2*>(p) = make_uint2(pairs[0], pairs[1]);
-      } else if (vec && n == 2) {
-        *reinterpret_cast<uint32_t*>(p) = pairs[0];
-      } else {
-        for (int e = 0; e < n; ++e) p[e] = uint16_t(pairs[e / 2] >> (16 * (e % 2)));
-      }
-    }
-  }
-
   // out = acc / l (0 for rows without any unmasked key: l = 0), lse = (m + log2 l) * ln 2
   // (-inf for those rows). NaN in l (from NaN scores) propagates to out through acc.
+  //
+  // The output dtype is the V dtype (attention_fwd.cu checks it), so a compile-time choice
+  // except for pv_int8 (fp16 / bf16 / fp32: one switch per block). Two sinks for the same
+  // normalised fragments (for_each_out):
+  //  - staged (16-bit out, whole Dv, rows 16-byte aligned: a.out_vec * 2 >= 16, and the tile fits
+  //    in the stage buffers): the block's O tile goes through shared memory (free after a
+  //    barrier), then every thread writes whole 16-byte chunks of the rows: a warp stores whole
+  //    contiguous rows (128 bytes at Dv = 64) instead of 4-byte pieces of 8 rows;
+  //  - direct: per row one base pointer, one store of kVec elements per group (kVec = the group
+  //    size when out_vec allows it, else 1: chosen once per block, no branch per store).
+  static constexpr DType kOutDtype = kTF32 ? DType::kFloat32 : Tr::kPv == PvKind::kBF16 ? DType::kBFloat16
+                                                                                      : DType::kFloat16;
+  static constexpr int kOutGroup = kInt8 ? 4 : 2;  // consecutive channels per fragment group
+  // Staged O tile: rows of kDvPad 16-bit values at a pitch of an odd number of 16-byte chunks
+  // (fragment stores of the 8 rows g of a warp hit 8 different bank groups).
+  static constexpr int kOutChunks = Tr::kDvPad * 2 / 16;
+  static constexpr int kOutPitch = (kOutChunks | 1) * 16;
+  static constexpr bool kStagedOut =
+      !kInt8 && !kTF32 && !Tr::kDvMasked && kBlockM * kOutPitch <= Tr::kSmemFixed;
+
   __device__ __forceinline__ void epilogue() {
     float inv[kRows];
 #pragma unroll
@@ -921,6 +910,21 @@ struct FwdBlock {
       inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
     }
     if constexpr (kInt8) {
+      switch (a.out_dtype) {
+        case DType::kFloat32: store_out<DType::kFloat32>(inv); break;
+        case DType::kBFloat16: store_out<DType::kBFloat16>(inv); break;
+        default: store_out<DType::kFloat16>(inv); break;
+      }
+    } else {
+      store_out<kOutDtype>(inv);
+    }
+  }
+
+  // Calls f(r, c0, vals) for every group of kOutGroup consecutive output channels c0.. of this
+  // thread's row r (normalised; pv_int8 also dequantised), channels past dv left out.
+  template <class F>
+  __device__ __forceinline__ void for_each_out(const float (&inv)[kRows], F&& f) const {
+    if constexpr (kInt8) {
 #pragma unroll
       for (int n16 = 0; n16 < Tr::kDvPad / 16; ++n16) {
         const int c0 = n16 * 16 + 4 * t;  // this lane's 4 consecutive channels
@@ -928,18 +932,14 @@ struct FwdBlock {
         const float* dq = a.v_dequant + int64_t(bh) * a.dv + c0;
         const float dq0 = __ldg(dq), dq1 = __ldg(dq + 1), dq2 = __ldg(dq + 2), dq3 = __ldg(dq + 3);
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int r = 2 * mt + hr, i = row_of(r);
-            if (i >= a.Nq) continue;
-            const float f = inv[r] * (1.0f / 255.0f);
-            const float vals[4] = {float(o[mt][2 * n16][2 * hr]) * dq0 * f,
-                                   float(o[mt][2 * n16 + 1][2 * hr]) * dq1 * f,
-                                   float(o[mt][2 * n16][2 * hr + 1]) * dq2 * f,
-                                   float(o[mt][2 * n16 + 1][2 * hr + 1]) * dq3 * f};
-            store_out(i, c0, vals, 4);
-          }
+        for (int r = 0; r < kRows; ++r) {
+          const int mt = r / 2, hr = r % 2;
+          const float s = inv[r] * (1.0f / 255.0f);
+          const float vals[4] = {float(o[mt][2 * n16][2 * hr]) * dq0 * s, float(o[mt][2 * n16 + 1][2 * hr]) * dq1 * s,
+                                 float(o[mt][2 * n16][2 * hr + 1]) * dq2 * s,
+                                 float(o[mt][2 * n16 + 1][2 * hr + 1]) * dq3 * s};
+          f(r, c0, vals);
+        }
       }
     } else {
 #pragma unroll
@@ -947,16 +947,104 @@ struct FwdBlock {
         const int c0 = nd * 8 + 2 * t;
         if (Tr::kDvMasked && c0 >= a.dv) continue;
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int r = 2 * mt + hr, i = row_of(r);
-            if (i >= a.Nq) continue;
-            const float vals[2] = {float(o[mt][nd][2 * hr]) * inv[r],
-                                   float(o[mt][nd][2 * hr + 1]) * inv[r]};
-            store_out(i, c0, vals, 2);
-          }
+        for (int r = 0; r < kRows; ++r) {
+          const int mt = r / 2, hr = r % 2;
+          const float vals[2] = {float(o[mt][nd][2 * hr]) * inv[r], float(o[mt][nd][2 * hr + 1]) * inv[r]};
+          f(r, c0, vals);
+        }
       }
+    }
+  }
+
+  template <DType kOut>
+  __device__ __forceinline__ void store_out(const float (&inv)[kRows]) {
+    constexpr int kOutBytes = kOut == DType::kFloat32 ? 4 : 2;
+    char* const out_head = static_cast<char*>(a.out) +
+                           (int64_t(b) * a.out_stride[0] + int64_t(h) * a.out_stride[1]) * kOutBytes;
+    const int64_t row_bytes = a.out_stride[2] * kOutBytes;
+    if constexpr (kStagedOut && kOut != DType::kFloat32) {
+      if (a.out_vec * kOutBytes >= 16) {
+        store_out_staged<kOut>(inv, out_head, row_bytes);
+        return;
+      }
+    }
+    if (a.out_vec >= kOutGroup) {
+      store_out_direct<kOut, kOutGroup>(inv, out_head, row_bytes);
+    } else {
+      store_out_direct<kOut, 1>(inv, out_head, row_bytes);
+    }
+  }
+
+  template <DType kOut, int kVec>
+  __device__ __forceinline__ void store_out_direct(const float (&inv)[kRows], char* out_head,
+                                                   int64_t row_bytes) {
+    using OutT = std::conditional_t<kOut == DType::kFloat32, float, uint16_t>;
+    OutT* row_ptr[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) row_ptr[r] = reinterpret_cast<OutT*>(out_head + int64_t(row_of(r)) * row_bytes);
+    for_each_out(inv, [&](int r, int c0, const float* vals) {
+      if (row_of(r) >= a.Nq) return;
+      store_group<kOut, kVec>(row_ptr[r] + c0, vals);
+    });
+  }
+
+  // kOutGroup values to p (aligned to kVec elements).
+  template <DType kOut, int kVec>
+  __device__ __forceinline__ static void store_group(void* p, const float* vals) {
+    constexpr int kN = kOutGroup;
+    if constexpr (kOut == DType::kFloat32) {
+      float* q = static_cast<float*>(p);
+      if constexpr (kVec == 4) {
+        *reinterpret_cast<float4*>(q) = make_float4(vals[0], vals[1], vals[2], vals[3]);
+      } else if constexpr (kVec == 2) {
+        *reinterpret_cast<float2*>(q) = make_float2(vals[0], vals[1]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kN; ++e) q[e] = vals[e];
+      }
+    } else {
+      uint32_t pairs[kN / 2];
+#pragma unroll
+      for (int e = 0; e < kN / 2; ++e) pairs[e] = pack_pair<kOut == DType::kBFloat16>(vals[2 * e], vals[2 * e + 1]);
+      uint16_t* q = static_cast<uint16_t*>(p);
+      if constexpr (kVec == 4) {
+        *reinterpret_cast<uint2*>(q) = make_uint2(pairs[0], pairs[1]);
+      } else if constexpr (kVec == 2) {
+        *reinterpret_cast<uint32_t*>(q) = pairs[0];
+      } else {
+#pragma unroll
+        for (int e = 0; e < kN; ++e) q[e] = uint16_t(pairs[e / 2] >> (16 * (e % 2)));
+      }
+    }
+  }
+
+  // The staged sink: every stage buffer is free once all copies landed and every warp is past
+  // its last tile (the barrier); the rows are then written in whole 16-byte chunks.
+  template <DType kOut>
+  __device__ __forceinline__ void store_out_staged(const float (&inv)[kRows], char* out_head,
+                                                   int64_t row_bytes) {
+    cp_async_wait<0>();
+    __syncthreads();
+    const uint32_t tile = smem_u32(smem);
+    for_each_out(inv, [&](int r, int c0, const float* vals) {
+      const int row = warp_row0 + (r / 2) * 16 + (r % 2) * 8 + g;  // row_of(r) - m0
+      st_shared_u32(tile + uint32_t(row * kOutPitch + c0 * 2), pack_pair<kOut == DType::kBFloat16>(vals[0], vals[1]));
+    });
+    __syncthreads();
+    // chunk idx -> (row idx / kOutChunks, chunk idx % kOutChunks); a whole column per thread when
+    // kOutChunks divides the block.
+    constexpr bool kColumn = kThreads % kOutChunks == 0;
+    constexpr int kTotal = kBlockM * kOutChunks;
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
+      const int idx = tid + it * kThreads;
+      if (kTotal % kThreads != 0 && idx >= kTotal) break;
+      const int row = kColumn ? tid / kOutChunks + it * (kThreads / kOutChunks) : idx / kOutChunks;
+      const int c = kColumn ? tid % kOutChunks : idx % kOutChunks;
+      if (m0 + row >= a.Nq) continue;
+      const uint4 v = ld_shared_v4(tile + uint32_t(row * kOutPitch + c * 16));
+      *reinterpret_cast<uint4*>(out_head + int64_t(m0 + row) * row_bytes + c * 16) = v;
     }
   }
 };

@@ -132,6 +132,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   __device__ void run() {
     const int tid = threadIdx.x;
     const auto kt = Base::setup_block(tid);
+    copy_setup(tid);
     const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
     // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
@@ -221,6 +222,64 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // ============================================================================== loads
   // One key tile: K bits (the k128 kernels know k_words = 4: 16-byte rows), the column
   // constants, the rel-pos column offsets, V (rows past Nk zero-filled only in masked tiles).
+  //
+  // Every copy of tile n_tile is (a per-block pointer + key0 * the bytes per key of its array:
+  // uniform) + (a per-thread offset, fixed) -> (the stage) + (a per-thread offset, fixed): per
+  // tile and 16-byte chunk one 64-bit add and the cp.async; V keeps a per-thread pointer
+  // (copy_setup). Before v9 each tile recomputed the head's base, the thread's row / column and
+  // 64-bit products (86 SASS instructions a tile for the wgmma Dv = 64 kernel, ncu).
+  //
+  // V: every thread copies one 16-byte column c of the key rows r0, r0 + kVRowStep, ...:
+  //  - rows mapping (kThreads a multiple of the row's chunks, and the wgmma Dv = 64 layout): a
+  //    quarter warp copies one whole row (128 contiguous bytes at Dv = 64); r0 = tid / chunks;
+  //  - 8-key mapping (any other width, and the wgmma Dv = 72..128 layouts): thread t < 8 chunks
+  //    copies chunk t / 8 of the keys t % 8 + 8 q: the 8 lanes of a quarter warp write the 8
+  //    keys of one chunk, which every layout puts in 8 different 16-byte bank groups (the wgmma
+  //    swizzles by key % 8; the padded pitch is an odd number of chunks), and a warp reads 4
+  //    neighbouring chunks of 8 rows. The other threads copy no V.
+  static constexpr int kVChunks = Tr::kVChunks;
+  static constexpr bool kVRowsMap = kThreads % kVChunks == 0 && (kBlockN * kVChunks) % kThreads == 0 &&
+                                    (!kWgmma || Tr::kDvPad == 64);
+  static constexpr int kVRowStep = kVRowsMap ? kThreads / kVChunks : 8;
+  static constexpr int kVPasses = kBlockN / kVRowStep;
+  static constexpr int kVCopyThreads = kVRowsMap ? kThreads : 8 * kVChunks;
+  static_assert(kBlockN % kVRowStep == 0 && kVCopyThreads <= kThreads, "whole V passes");
+  static_assert(!kWgmma || kVRowStep % 8 == 0, "the swizzle phase (row % 8) is the same every pass");
+  // Stage offset of (key row r, chunk c) of the V tile, and its step per pass.
+  __host__ __device__ static constexpr uint32_t v_stage_offset(int r, int c) {
+    return Tr::kOffV + (kWgmma ? VLayout::chunk_offset(r, c) : uint32_t(r * Tr::kVPitch + c * 16));
+  }
+  static constexpr uint32_t kVPassBytes = v_stage_offset(kVRowStep, 0) - v_stage_offset(0, 0);
+  static_assert(v_stage_offset(kVRowStep + 3, kVChunks - 1) - v_stage_offset(3, kVChunks - 1) == kVPassBytes,
+                "one shared-memory step per pass");
+  // K bits: kBlockN rows of kKRowBytes (k256: 32 bytes into a 48-byte pitch), column constants
+  // and rel-pos column offsets: 4 bytes a key.
+  static constexpr int kKRowBytes = kK256 ? 32 : 16;
+  static constexpr int kKChunks = kBlockN * kKRowBytes / 16;
+  __device__ __forceinline__ static uint32_t k_stage_offset(int c) {
+    return Tr::kOffKBits + (kK256 ? uint32_t(c / 2) * 48u + uint32_t(c % 2) * 16u : uint32_t(c) * 16u);
+  }
+
+  struct TileCopy {
+    const char* v_src;  // this thread's V chunk of its first key row (v_row0) of key tile 0
+    uint32_t v_dst;     // its stage offset
+    int v_bytes;        // 16, or less for the last channels of a masked Dv (0: past dv)
+  };
+  TileCopy cp;
+  // The thread's first V key row in a tile (recomputed where needed: masked tiles only).
+  __device__ __forceinline__ static int v_row0(int tid) { return kVRowsMap ? tid / kVChunks : tid % 8; }
+
+  __device__ __forceinline__ void copy_setup(int tid) {
+    const int r0 = v_row0(tid);
+    const int c = kVRowsMap ? tid % kVChunks : tid / 8;
+    const char* v_head =
+        static_cast<const char*>(a.v) + (int64_t(b) * a.v_stride[0] + int64_t(h) * a.v_stride[1]) * 2;
+    cp.v_src = v_head + int64_t(r0) * (a.v_stride[2] * 2) + c * 16;
+    cp.v_dst = v_stage_offset(r0, tid < kVCopyThreads ? c : 0);  // (threads past kVCopyThreads copy no V)
+    cp.v_bytes = 16;
+    if constexpr (Tr::kDvMasked) cp.v_bytes = max(0, min(16, a.dv * 2 - c * 16));
+  }
+
   __device__ __forceinline__ void load_tile_checked(int stage, int n_tile, int tid, int first_masked) {
     if (n_tile >= first_masked) {
       load_tile<true>(stage, n_tile, tid);
@@ -234,22 +293,18 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     unsigned char* st = smem + stage * Tr::kStageBytes;
     const uint32_t st_addr = smem_u32(st);
     const int key0 = n_tile * kBlockN;
-    const int64_t krow0 = int64_t(bh) * a.nk_pad + key0;
-    if constexpr (kK256) {
-      const uint32_t* k_src = a.k_bits + krow0 * 8;
-      Base::template copy_chunks<2 * kBlockN>(tid, [&](int c) {
-        cp_async_16(st_addr + Tr::kOffKBits + (c / 2) * 48 + (c % 2) * 16, k_src + 4 * c, 16);
-      });
-    } else {
-      const uint32_t* k_src = a.k_bits + krow0 * 4;
-      Base::template copy_chunks<kBlockN>(tid, [&](int c) {
-        cp_async_16(st_addr + Tr::kOffKBits + c * 16, k_src + 4 * c, 16);
-      });
-    }
+    // The workspace rows are padded to whole tiles: no key checks.
+    const int64_t key_row = int64_t(bh) * a.nk_pad + key0;
+    const char* k_tile = reinterpret_cast<const char*>(a.k_bits) + key_row * kKRowBytes;
+    Base::template copy_chunks<kKChunks>(tid, [&](int c) {
+      cp_async_16(st_addr + k_stage_offset(c), k_tile + uint32_t(c) * 16u, 16);
+    });
+    const char* colc_tile = reinterpret_cast<const char*>(a.k_colc + key_row);
+    const char* off_tile = kRelPos ? reinterpret_cast<const char*>(a.relpos_off + key0) : nullptr;
     Base::template copy_chunks<kBlockN / 4>(tid, [&](int c) {
-      cp_async_16(st_addr + Tr::kOffColc + c * 16, a.k_colc + krow0 + 4 * c, 16);
+      cp_async_16(st_addr + Tr::kOffColc + uint32_t(c) * 16u, colc_tile + uint32_t(c) * 16u, 16);
       if constexpr (kRelPos) {
-        cp_async_16(st_addr + Tr::kOffRelOff + c * 16, a.relpos_off + key0 + 4 * c, 16);
+        cp_async_16(st_addr + Tr::kOffRelOff + uint32_t(c) * 16u, off_tile + uint32_t(c) * 16u, 16);
       }
     });
     if constexpr (kRelPos) {
@@ -267,61 +322,36 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         for (int idx = tid; idx < w.len; idx += kThreads) cp_async_4(dst + 4u * uint32_t(idx), table + idx);
       }
     }
-    const char* v_head = static_cast<const char*>(a.v) +
-                         (int64_t(b) * a.v_stride[0] + int64_t(h) * a.v_stride[1]) * 2;
-    const int64_t v_row_bytes = a.v_stride[2] * 2;
-    constexpr int kVChunks = Tr::kVChunks;
-    constexpr bool kOneColumnPerThread =
-        !Tr::kDvMasked && kThreads % kVChunks == 0 && (kBlockN * kVChunks) % kThreads == 0;
-    if constexpr (kWgmma && Tr::kDvPad != 64) {
-      load_v_wgmma_columns<kCheckKeys>(st, st_addr, v_head, v_row_bytes, key0, tid);
-      return;
-    }
-    static_assert(!kWgmma || Tr::kDvPad != 64 || kOneColumnPerThread,
-                  "the wgmma V layout (Dv 64) is written by the first loop");
-    if constexpr (kOneColumnPerThread) {
-      // Every thread copies the same 16-byte column of rows r0, r0 + kRowStep, ...: one pointer
-      // add and one cp.async per chunk (the generic loop below recomputes row, column and
-      // address per chunk, ~15 instructions, 18% of a 128-key tile's work at Dv = 64).
-      constexpr int kRowStep = kThreads / kVChunks, kPasses = kBlockN / kRowStep;
-      static_assert(!kWgmma || kRowStep % 8 == 0, "the swizzle phase (row % 8) is the same every pass");
-      const int r0 = tid / kVChunks;
-      const char* src = v_head + int64_t(key0 + r0) * v_row_bytes + (tid % kVChunks) * 16;
-      const int64_t step = int64_t(kRowStep) * v_row_bytes;
-      const uint32_t dst = st_addr + Tr::kOffV +
-                           (kWgmma ? VLayout::chunk_offset(r0, tid % kVChunks)
-                                   : uint32_t(r0 * Tr::kVPitch + (tid % kVChunks) * 16));
-      if (a.v_async_ok) {
-#pragma unroll
-        for (int p = 0; p < kPasses; ++p) {
-          const bool ok = !kCheckKeys || key0 + r0 + p * kRowStep < a.Nk;
-          cp_async_16(dst + p * kRowStep * Tr::kVPitch, ok ? src + p * step : v_head, ok ? 16 : 0);
-        }
-      } else {
-#pragma unroll
-        for (int p = 0; p < kPasses; ++p) {
-          const bool ok = !kCheckKeys || key0 + r0 + p * kRowStep < a.Nk;
-          Base::copy_16_sync(st + (dst - st_addr) + p * kRowStep * Tr::kVPitch, ok ? src + p * step : v_head,
-                             ok ? 16 : 0);
-        }
-      }
-      return;
-    }
-    if constexpr (kWgmma) return;  // (never reached: the loops above cover the wgmma widths)
-    Base::template copy_chunks<kBlockN * Tr::kVChunks>(tid, [&](int c) {
-      const int row = c / Tr::kVChunks, chunk = c % Tr::kVChunks;
-      const int key = key0 + row;
-      int bytes = 16;
-      if constexpr (Tr::kDvMasked) bytes = max(0, min(16, a.dv * 2 - chunk * 16));
-      if (kCheckKeys && key >= a.Nk) bytes = 0;
-      const char* src = bytes > 0 ? v_head + int64_t(key) * v_row_bytes + chunk * 16 : v_head;
-      const int dst = Tr::kOffV + row * Tr::kVPitch + chunk * 16;
-      if (a.v_async_ok) {
+    if (!kVRowsMap && tid >= kVCopyThreads) return;  // (the 8-key mapping: past 8 chunks, no V)
+    // (zero-filled chunks name any valid global address: the tile's K bits)
+    if (a.v_async_ok) {
+      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
         cp_async_16(st_addr + dst, src, bytes);
-      } else {
+      });
+    } else {  // (rows not 16-byte aligned)
+      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
         Base::copy_16_sync(st + dst, src, bytes);
-      }
-    });
+      });
+    }
+  }
+
+  // Calls copy(stage offset, source, bytes) for this thread's V chunks of the tile at key0
+  // (bytes = 0: zero fill from `valid`, for keys past Nk in masked tiles and channels past a
+  // masked dv).
+  template <bool kCheckKeys, class F>
+  __device__ __forceinline__ void copy_v(int key0, int tid, const char* valid, F&& copy) const {
+    // (unsigned 32 x 64-bit products, IMAD.WIDE.U32 + IMAD; modulo 2^64 they give the same
+    // address as the signed ones for any stride)
+    const uint64_t v_stride = uint64_t(a.v_stride[2]);
+    const char* v_tile = cp.v_src + uint64_t(uint32_t(2 * key0)) * v_stride;
+    const uint64_t v_pass = uint64_t(2 * kVRowStep) * v_stride;
+#pragma unroll
+    for (int p = 0; p < kVPasses; ++p) {
+      const int row = key0 + p * kVRowStep;  // (plus the thread's v_row0)
+      const bool ok = (!kCheckKeys || row + v_row0(tid) < a.Nk) && (!Tr::kDvMasked || cp.v_bytes > 0);
+      const char* src = v_tile + p * v_pass;
+      copy(cp.v_dst + uint32_t(p) * kVPassBytes, ok ? src : valid, ok ? cp.v_bytes : 0);
+    }
   }
 
   // Streamed rel-pos (a.relpos_stream): the table entries key tile n_tile needs with this
@@ -352,35 +382,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   }
   __device__ __forceinline__ uint32_t relpos_slice_offset(int stage) const {
     return uint32_t(Tr::kSmemFixed + 16 + stage * ((a.relpos_slice * 4 + 15) / 16 * 16));
-  }
-
-  // wgmma V tile at Dv = 72..128 (WgmmaVLayout: column blocks of W chunks, swizzled by key % 8):
-  // thread t < 8 * kVChunks copies chunk t / 8 of the keys t % 8 + 8 q, q = 0 .. kBlockN / 8 - 1.
-  // The 8 lanes of a quarter warp write the 8 keys of one chunk, which the layout puts in 8
-  // different 16-byte bank groups for every W (conflict-free stores), and a warp reads 4
-  // neighbouring chunks of 8 rows (64 contiguous bytes of each row). The other threads copy no V.
-  template <bool kCheckKeys>
-  __device__ __forceinline__ void load_v_wgmma_columns(unsigned char* st, uint32_t st_addr,
-                                                       const char* v_head, int64_t v_row_bytes,
-                                                       int key0, int tid) {
-    constexpr int kCopyThreads = 8 * Tr::kVChunks;
-    static_assert(kCopyThreads <= kThreads && kBlockN % 8 == 0, "one thread per (key % 8, chunk)");
-    if (tid >= kCopyThreads) return;
-    const int i = tid % 8, c = tid / 8;
-    const char* src = v_head + int64_t(key0 + i) * v_row_bytes + c * 16;
-    const int64_t step = 8 * v_row_bytes;
-    // chunk_offset(i + 8 q, c) = chunk_offset(i, c) + q * 8 key rows (the swizzle depends on key % 8)
-    const uint32_t dst = Tr::kOffV + VLayout::chunk_offset(i, c);
-#pragma unroll
-    for (int q = 0; q < kBlockN / 8; ++q) {
-      const bool ok = !kCheckKeys || key0 + i + 8 * q < a.Nk;
-      const uint32_t at = dst + uint32_t(q) * VLayout::kKeyGroupBytes;
-      if (a.v_async_ok) {
-        cp_async_16(st_addr + at, ok ? src + q * step : v_head, ok ? 16 : 0);
-      } else {
-        Base::copy_16_sync(st + at, ok ? src + q * step : v_head, ok ? 16 : 0);
-      }
-    }
   }
 
   // Shared-memory rel-pos table of this block: the patch entries its rows can reach (table rows

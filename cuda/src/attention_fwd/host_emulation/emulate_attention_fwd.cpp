@@ -47,6 +47,10 @@ struct Case {
   int wh = 0, ww = 0, prefix = 0;
   double table_sigma = 1.0;
   int copy_q_every = 0;  // > 0: key j = query j's signs for j % copy_q_every == 0 (dot = d)
+  // Memory layouts (elements): out rows padded by out_pad and starting out_offset elements into
+  // the buffer (the epilogue's staged / vector / scalar stores, chosen from the alignment as
+  // attention_fwd.cu does), V starting v_offset elements in (odd: the synchronous V copies).
+  int out_pad = 0, out_offset = 0, v_offset = 0;
   uint32_t seed = 1;
 };
 
@@ -100,20 +104,22 @@ void launch(FwdArgs args) {
                         smem, args);
 }
 
-template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide>
+template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
+          bool kMasked = false>
 void dispatch(FwdArgs& args) {
-  if (args.d <= 64) launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos, kShape, kWgmma>>(args);
-  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, kWgmma>>(args);
-  else launch<FwdTraits<kDv, kPv, false, false, QK::kK256, kRelPos, kShape, kWgmma>>(args);
+  if (args.d <= 64) launch<FwdTraits<kDv, kPv, kMasked, false, QK::kDup128, kRelPos, kShape, kWgmma>>(args);
+  else if (args.d <= 128) launch<FwdTraits<kDv, kPv, kMasked, false, QK::kK128, kRelPos, kShape, kWgmma>>(args);
+  else launch<FwdTraits<kDv, kPv, kMasked, false, QK::kK256, kRelPos, kShape, kWgmma>>(args);
 }
 
-template <int kDv, PvKind kPv, bool kRelPos>
+// kMasked: the padded width kDv with dv < kDv (masked V copies and output channels).
+template <int kDv, PvKind kPv, bool kRelPos, bool kMasked = false>
 void dispatch_kernel(FwdArgs& args, Kernel kernel) {
   const bool ptk = args.k_scale_abs != nullptr;
   if (kernel == Kernel::kBounded) {
-    dispatch<kDv, kPv, kRelPos>(args);
+    dispatch<kDv, kPv, kRelPos, false, BoundedShape::kWide, kMasked>(args);
   } else if (kernel == Kernel::kWgmma) {
-    if constexpr (kDv == 64 || kDv == 72 || kDv == 80 || kDv == 96 || kDv == 128) {
+    if constexpr (!kMasked && (kDv == 64 || kDv == 72 || kDv == 80 || kDv == 96 || kDv == 128)) {
       const long long before = wgmma_emulation::wgmma_issued_total();
       dispatch<kDv, kPv, kRelPos, true>(args);
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();  // the wgmma path must have run
@@ -129,10 +135,10 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
       std::abort();  // (Dv = 64 only)
     }
   } else if (kernel == Kernel::kOnline) {
-    using Tr = FwdTraits<kDv, kPv, false, false>;
+    using Tr = FwdTraits<kDv, kPv, kMasked, false>;
     ptk ? launch_online<Tr, true>(args) : launch_online<Tr, false>(args);
   } else {
-    using Tr = FwdTraits<kDv, kPv, false, true>;
+    using Tr = FwdTraits<kDv, kPv, kMasked, true>;
     ptk ? launch_online<Tr, true>(args) : launch_online<Tr, false>(args);
   }
 }
@@ -145,6 +151,7 @@ void dispatch_dv(FwdArgs& args, Kernel kernel) {
   else if (args.dv == 80) dispatch_kernel<80, kPv, kRelPos>(args, kernel);
   else if (args.dv == 96) dispatch_kernel<96, kPv, kRelPos>(args, kernel);
   else if (args.dv == 128) dispatch_kernel<128, kPv, kRelPos>(args, kernel);
+  else if (args.dv == 40) dispatch_kernel<64, kPv, kRelPos, true>(args, kernel);  // masked
   else std::abort();
 }
 
@@ -180,12 +187,13 @@ bool run_case(const Case& c) {
           kf[kidx] = binformer::test::float_to_half_bits(ks[kidx] > 0 ? 1.0f : -1.0f);
         }
   }
-  std::vector<uint16_t> v(size_t(B) * H * Nk * dv);
-  std::vector<double> vd(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
+  std::vector<uint16_t> v(size_t(c.v_offset) + size_t(B) * H * Nk * dv);
+  std::vector<double> vd(size_t(B) * H * Nk * dv);
+  for (size_t i = 0; i < vd.size(); ++i) {
     const float x = float(normal(rng));
-    v[i] = c.bf16 ? binformer::test::float_to_bf16_bits(x) : binformer::test::float_to_half_bits(x);
-    vd[i] = c.bf16 ? binformer::test::bf16_bits_to_double(v[i]) : binformer::test::half_bits_to_double(v[i]);
+    uint16_t& bits = v[c.v_offset + i];
+    bits = c.bf16 ? binformer::test::float_to_bf16_bits(x) : binformer::test::float_to_half_bits(x);
+    vd[i] = c.bf16 ? binformer::test::bf16_bits_to_double(bits) : binformer::test::half_bits_to_double(bits);
   }
   // row factors: per head or per query token; k_head per head
   std::vector<float> qscale(c.per_token_q ? size_t(B) * H * Nq : size_t(B) * H),
@@ -275,7 +283,8 @@ bool run_case(const Case& c) {
       return false;
     }
   }
-  std::vector<uint16_t> out(size_t(B) * H * Nq * dv, 0xFFFFu);
+  const int64_t out_pitch = dv + c.out_pad;
+  std::vector<uint16_t> out(size_t(c.out_offset) + size_t(B) * H * Nq * out_pitch, 0xFFFFu);
   std::vector<float> lse(size_t(B) * H * Nq, NAN);
 
   FwdArgs args{};
@@ -286,12 +295,22 @@ bool run_case(const Case& c) {
   args.q_vec_ok = true;
   args.k_bits = k_bits.data(); args.k_colc = colc.data(); args.nk_pad = int(nk_pad);
   args.relpos_off = c.relpos ? relpos_off.data() : nullptr;
-  args.v = v.data();
+  args.v = v.data() + c.v_offset;
   args.v_stride[2] = dv; args.v_stride[1] = int64_t(Nk) * dv; args.v_stride[0] = int64_t(H) * Nk * dv;
-  args.v_async_ok = true;
-  args.out = out.data(); args.out_dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
-  args.out_stride[2] = dv; args.out_stride[1] = int64_t(Nq) * dv; args.out_stride[0] = int64_t(H) * Nq * dv;
-  args.out_vec = 4;
+  // as attention_fwd.cu: rows_aligned(pointer, strides, bytes)
+  auto rows_aligned = [](const void* ptr, const int64_t* stride, int64_t bytes) {
+    if (reinterpret_cast<uintptr_t>(ptr) % uintptr_t(bytes) != 0) return false;
+    for (int i = 0; i < 3; ++i)
+      if ((stride[i] * 2) % bytes != 0) return false;
+    return true;
+  };
+  args.v_async_ok = rows_aligned(args.v, args.v_stride, 16);
+  args.out = out.data() + c.out_offset; args.out_dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
+  args.out_stride[2] = out_pitch; args.out_stride[1] = int64_t(Nq) * out_pitch; args.out_stride[0] = int64_t(H) * Nq * out_pitch;
+  args.out_vec = rows_aligned(args.out, args.out_stride, 16) ? 8
+                 : rows_aligned(args.out, args.out_stride, 8) ? 4
+                 : rows_aligned(args.out, args.out_stride, 4) ? 2
+                                                              : 1;
   args.lse = lse.data();
   args.q_scale = qscale.data();
   args.q_scale_stride[0] = c.per_token_q ? int64_t(H) * Nq : H;
@@ -333,7 +352,7 @@ bool run_case(const Case& c) {
   std::string first;
   for (size_t row = 0; row < size_t(B) * H * Nq; ++row) {
     for (int ch = 0; ch < dv; ++ch) {
-      const uint16_t bits = out[row * dv + ch];
+      const uint16_t bits = out[c.out_offset + row * out_pitch + ch];
       const double got = c.bf16 ? binformer::test::bf16_bits_to_double(bits) : binformer::test::half_bits_to_double(bits);
       const double err = std::fabs(got - r.out[row * dv + ch]), t = r.tol[row * dv + ch];
       const double ratio = std::isnan(got) ? 1e30 : err / t;
@@ -343,12 +362,20 @@ bool run_case(const Case& c) {
                 " want " + std::to_string(r.out[row * dv + ch]);
       }
     }
-    const double want = r.lse[row];
+    const double want = r.lse[row];  // (lse is contiguous [B,H,Nq] by the API)
     const bool ok = std::isinf(want) ? (std::isinf(lse[row]) && lse[row] < 0)
                                      : std::fabs(lse[row] - want) <= 1e-4 + 1e-6 * std::fabs(want);
     if (!ok && bad++ == 0) {
       first = "lse[row " + std::to_string(row) + "] = " + std::to_string(lse[row]) + " want " + std::to_string(want);
     }
+  }
+  int64_t touched = 0;  // elements outside the output rows (padding, the offset) must keep the poison
+  for (size_t idx = 0; idx < out.size(); ++idx) {
+    const bool owned = idx >= size_t(c.out_offset) && int64_t(idx - c.out_offset) % out_pitch < dv;
+    if (!owned && out[idx] != 0xFFFFu) ++touched;
+  }
+  if (touched > 0) {
+    if (bad++ == 0) first = std::to_string(touched) + " elements written outside the output rows";
   }
   const long long nf = fwd_emulation::tiles_fixed.exchange(0), no = fwd_emulation::tiles_online.exchange(0);
   std::printf("%s %-28s worst err/tol %.3g, fixed-max tiles %.0f%%%s%s\n", bad ? "FAIL" : "PASS",
@@ -467,6 +494,19 @@ int main(int argc, char** argv) {
     Case c; c.kernel = Kernel::kWgmmaNarrow; c.name = "narrow_vitb_197"; c.Nq = c.Nk = 197; nw.push_back(c);
     c.name = "narrow_d128_nk700_bf16"; c.d = 128; c.bf16 = true; c.Nq = 130; c.Nk = 700; nw.push_back(c);
     for (Case& w : nw) add(w);
+  }
+  {  // output / V layouts: padded rows (16-byte aligned: the staged epilogue; 4-byte: pairs),
+     // unaligned rows (scalar stores; V through the synchronous copies), a masked Dv (40 of 64)
+    Case c; c.name = "layout_out_pad8_wgmma"; c.kernel = Kernel::kWgmma; c.out_pad = 8; c.Nq = 200; c.Nk = 300;
+    add(c);
+    c.name = "layout_out_pad2"; c.kernel = Kernel::kBounded; c.out_pad = 2; c.bf16 = true; add(c);
+    c.name = "layout_unaligned"; c.out_pad = 3; c.out_offset = 1; c.v_offset = 1; c.bf16 = false; c.causal = true; add(c);
+    c.name = "layout_unaligned_wgmma_dv128"; c.kernel = Kernel::kWgmma; c.dv = 128; c.causal = false; add(c);
+    c.name = "layout_out_pad8_dv72"; c.kernel = Kernel::kBounded; c.dv = 72; c.d = 72; c.out_pad = 8; c.out_offset = 0;
+    c.v_offset = 0; add(c);
+    c.name = "layout_dv40_masked"; c.dv = 40; c.d = 64; c.out_pad = 0; add(c);
+    c.name = "layout_dv40_masked_online"; c.kernel = Kernel::kOnline; c.out_pad = 8; add(c);
+    c.name = "layout_online_pad8"; c.dv = 64; c.per_token_k = true; add(c);
   }
   bool all = true;
   for (const Case& c : cases) {

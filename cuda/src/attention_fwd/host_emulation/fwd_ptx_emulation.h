@@ -331,6 +331,19 @@ inline float lds_f32(uint32_t addr) {
   return v;
 }
 
+inline void st_shared_u32(uint32_t addr, uint32_t v) {
+  if ((addr & 3u) != 0) std::abort();  // misaligned
+  smem_ptr(addr + 3);
+  std::memcpy(smem_ptr(addr), &v, 4);
+}
+inline uint4 ld_shared_v4(uint32_t addr) {
+  if ((addr & 15u) != 0) std::abort();  // misaligned
+  smem_ptr(addr + 15);
+  uint4 v;
+  std::memcpy(&v, smem_ptr(addr), 16);
+  return v;
+}
+
 // cp.async completes at once here (the kernel's wait / barrier points are still executed).
 inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   unsigned char* d = smem_ptr(dst);
