@@ -116,12 +116,13 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // K sign bytes a thread loads per packing round (each one 16-byte load, two for fp32): all of
   // a round's loads are in flight together; ViT-B (197 keys, d = 64, fp16, 8 warps) is one round.
   static constexpr int kKRoundItems = 8;
+  // Fused K for this call (read from the kernel parameters where needed: no register across the loop).
+  __device__ __forceinline__ bool k_fused() const { return kFusedK && a.k_fused; }
 
   float lse_shift[kRows];  // c_i d + rmax_h log2(e) - kTop: z units -> log2 units
   float row_add[kRows];    // FFMA addend without rel-pos: kTop (- 2 c_i p(q_i) for kDup128)
   bool fixed;              // warp-uniform: the row maxima are fixed at 0 (P = 2^z)
   bool range_ok;           // the rel-pos range is finite (else z <= kTop is not guaranteed)
-  bool k_fused;            // uniform: K bits / colc come from the resident area (kFusedK only)
   // Rel-pos: shared-memory byte address of the table entry for (row, key with off_j = 0), the
   // byte step per unit of off_j (-4; 0 on the cls row), and the row's cls-column entry.
   uint32_t rel_base[kRelPos ? kRows : 1];
@@ -147,7 +148,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   __device__ void run() {
     const int tid = threadIdx.x;
     const auto kt = Base::setup_block(tid);
-    k_fused = kFusedK && a.k_fused;
     copy_setup(tid);
     const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
@@ -183,7 +183,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
       const int key0 = n_tile * kBlockN;
       // K bits and colc of the tile: the stage, or (fused K) the resident tile
-      const unsigned char* kt = k_fused ? smem + Tr::kSmemFixed + n_tile * kResTileBytes : st;
+      const unsigned char* kt = k_fused() ? smem + Tr::kSmemFixed + n_tile * kResTileBytes : st;
 #if defined(BINFORMER_FWD_HOST_EMULATION)
       fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
 #endif
@@ -314,7 +314,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     // The workspace rows are padded to whole tiles: no key checks.
     const int64_t key_row = int64_t(bh) * a.nk_pad + key0;
     const char* k_tile = reinterpret_cast<const char*>(a.k_bits) + key_row * kKRowBytes;
-    if (!k_fused) {  // (fused K: the bits and colc are resident, the stage holds V only)
+    if (!k_fused()) {  // (fused K: the bits and colc are resident, the stage holds V only)
       Base::template copy_chunks<kKChunks>(tid, [&](int c) {
         cp_async_16(st_addr + k_stage_offset(c), k_tile + uint32_t(c) * 16u, 16);
       });
@@ -345,7 +345,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     if (!kVRowsMap && tid >= kVCopyThreads) return;  // (the 8-key mapping: past 8 chunks, no V)
     // (zero-filled chunks name any valid global address: the tile's K bits, or with fused K,
     // where the workspace is not written, the start of V)
-    const char* valid = k_fused ? static_cast<const char*>(a.v) : k_tile;
+    const char* valid = k_fused() ? static_cast<const char*>(a.v) : k_tile;
     if (a.v_async_ok) {
       copy_v<kCheckKeys>(key0, tid, valid, [&](uint32_t dst, const char* src, int bytes) {
         cp_async_16(st_addr + dst, src, bytes);
@@ -434,7 +434,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
                                      int64_t(h) * a.k_scale_head_stride[1])
                              : 1.0f;
     const bool vec = a.q_vec_ok;
-    if (kFusedK && k_fused) {  // (the host checked: k_dtype == q_dtype, float, both 16-byte aligned)
+    if (k_fused()) {  // (the host checked: k_dtype == q_dtype, float, both 16-byte aligned)
       switch (a.q_dtype) {
         case DType::kFloat16: pack_q<DType::kFloat16, true, kFusedK>(tid, n_tiles, k_head); break;
         case DType::kBFloat16: pack_q<DType::kBFloat16, true, kFusedK>(tid, n_tiles, k_head); break;
