@@ -245,7 +245,6 @@ class AttentionFwdCase {
     const fwd::WorkspaceLayout w = fwd::fwd_workspace_layout(r.params);
     ASSERT_EQ(w.total, r.workspace.size());
     if (w.total == 0) return;
-    if (fwd::fwd_k_fused(r.params)) return;  // v10: the kernel packed K itself, no pre-pass ran
     int64_t bad = 0;
     std::string first;
     auto fail = [&](const std::string& what) {
@@ -1065,129 +1064,6 @@ TEST_P(AttentionFwdRelPosStream, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdRelPosStream, ::testing::ValuesIn(relpos_stream_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name + "_" + std::to_string(info.index);
-                         });
-
-// v10 fused K (kernel_bounded.h pack_k; workspace_layout.h fwd_k_fused): the bounded kernels
-// without rel-pos pack K in the block (no pre-pass) for Nk <= BINFORMER_FWD_FUSED_K_MAX_NK by
-// default; BINFORMER_FWD_FUSED_K=1 forces it up to kFusedKForceMaxNk keys, =0 turns it off.
-// AttentionFwdFusedK* force it on every bounded case without rel-pos with Nk <= 2048 (Nk > 1024:
-// the 4x2 mma.sync shape) on the default path (wgmma on sm_90), the mma.sync kernels and the
-// narrow wgmma block, plus ViT-like shapes and dtype / scale variants; where the case allows it
-// (q and k of the same float dtype, 16-byte aligned rows) the test checks that it ran fused.
-// AttentionFwdPrePass forces it off on the short cases, which would run fused by default.
-std::vector<Case> fused_k_cases() {
-  std::vector<Case> cs;
-  for (Case c : all_cases()) {
-    const bool bounded = !c.pv_int8 && (c.v_dtype == DType::kFloat16 || c.v_dtype == DType::kBFloat16) &&
-                         c.bias == Bias::kNone && c.k_scale != Scale::kPerToken && !c.relpos;
-    if (!bounded || c.Nk > 2048) continue;
-    c.name = "fk_" + c.name;
-    cs.push_back(c);
-  }
-  uint32_t seed = 1200;
-  for (DType qk : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
-    for (int d : {64, 128, 200}) {
-      Case c;
-      c.name = std::string("fk_vitb_") + dtype_name(qk) + "_d" + std::to_string(d);
-      c.B = 3;
-      c.H = 4;
-      c.Nq = c.Nk = 197;
-      c.d = d;
-      c.q_dtype = c.k_dtype = qk;
-      c.v_dtype = qk == DType::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-      c.q_scale = c.k_scale = Scale::kPerHead;
-      c.negative_scales = true;  // negative per-head k scales: the block flips the K signs
-      c.seed = seed++;
-      cs.push_back(c);
-      c.name += "_causal";
-      c.causal = true;
-      c.seed = seed++;
-      cs.push_back(c);
-    }
-  }
-  for (int nk : {45, 256, 577, 640}) {
-    Case c;
-    c.name = "fk_nk" + std::to_string(nk);
-    c.Nq = 150;
-    c.Nk = nk;
-    c.q_scale = c.k_scale = Scale::kPerHead;
-    c.scale_lo = 0.5;
-    c.scale_hi = 1.0;
-    c.seed = seed++;
-    cs.push_back(c);
-  }
-  return cs;
-}
-
-bool fused_k_possible(const Case& c) {
-  return c.q_dtype == c.k_dtype && c.q_dtype != DType::kBits && c.offset == 0 && c.Nk > 0;
-}
-
-void run_fused_k(const Case& c) {
-  SCOPED_TRACE(describe(c));
-  ScopedEnv fused("BINFORMER_FWD_FUSED_K", "1");
-  AttentionFwdCase t(c);
-  const RunOutput r = t.run();
-  if (r.status == cudaErrorNotSupported && minimal_build()) GTEST_SKIP() << "not in the minimal build";
-  ASSERT_EQ(r.status, cudaSuccess) << cudaGetErrorString(r.status);
-  if (fused_k_possible(c)) EXPECT_TRUE(fwd::fwd_k_fused(r.params)) << "expected the fused-K path";
-  t.check_prepass(r);  // (skipped where fused)
-  t.check(r);
-}
-
-class AttentionFwdFusedK : public ::testing::TestWithParam<Case> {};
-TEST_P(AttentionFwdFusedK, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
-  run_fused_k(GetParam());
-}
-INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdFusedK, ::testing::ValuesIn(fused_k_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name + "_" + std::to_string(info.index);
-                         });
-
-class AttentionFwdFusedKMmaSync : public ::testing::TestWithParam<Case> {};
-TEST_P(AttentionFwdFusedKMmaSync, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
-  ScopedEnv sm90("BINFORMER_FWD_SM90", "0");
-  run_fused_k(GetParam());
-}
-INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdFusedKMmaSync, ::testing::ValuesIn(fused_k_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return "mmasync_" + info.param.name + "_" + std::to_string(info.index);
-                         });
-
-class AttentionFwdFusedKNarrow : public ::testing::TestWithParam<Case> {};
-TEST_P(AttentionFwdFusedKNarrow, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
-  if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
-  ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
-  ScopedEnv narrow("BINFORMER_FWD_SM90_NARROW", "1");
-  run_fused_k(GetParam());
-}
-INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdFusedKNarrow, ::testing::ValuesIn(fused_k_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return "narrow_" + info.param.name + "_" + std::to_string(info.index);
-                         });
-
-std::vector<Case> prepass_short_cases() {
-  std::vector<Case> cs;
-  for (Case c : fused_k_cases()) {
-    if (c.Nk > BINFORMER_FWD_FUSED_K_MAX_NK) continue;
-    c.name = "pp_" + c.name.substr(3);
-    cs.push_back(c);
-  }
-  return cs;
-}
-
-class AttentionFwdPrePass : public ::testing::TestWithParam<Case> {};
-TEST_P(AttentionFwdPrePass, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
-  ScopedEnv fused("BINFORMER_FWD_FUSED_K", "0");
-  run_against_reference(GetParam());
-}
-INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdPrePass, ::testing::ValuesIn(prepass_short_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            return info.param.name + "_" + std::to_string(info.index);
                          });

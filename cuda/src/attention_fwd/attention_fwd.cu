@@ -203,11 +203,6 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     pk.relpos_off = const_cast<int*>(args.relpos_off);
     pk.relpos_prefix = p.num_prefix_tokens;
     pk.relpos_ww = p.rel_pos_ww;
-    // v10: the bounded kernels pack K in their prologue (workspace_layout.h fwd_k_fused): no
-    // pre-pass launch.
-    args.k_fused = fwd::fwd_k_fused(p);
-    args.k = p.k;
-    for (int i = 0; i < 3; ++i) args.k_stride[i] = p.k_stride[i];
     int64_t blocks = pk.pack_blocks;
     if (p.rel_pos_table != nullptr) {
       args.relpos_range = reinterpret_cast<float*>(ws + w.relpos_range);
@@ -218,11 +213,9 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
       blocks += p.H;
     }
     if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-    if (!args.k_fused) {
-      if (const cudaError_t err = launch_pack_keys(pk, p.k_dtype, k_vec_ok, unsigned(blocks), stream);
-          err != cudaSuccess) {
-        return err;
-      }
+    if (const cudaError_t err = launch_pack_keys(pk, p.k_dtype, k_vec_ok, unsigned(blocks), stream);
+        err != cudaSuccess) {
+      return err;
     }
   }
 

@@ -33,12 +33,6 @@ struct FwdArgs {
 
   const uint32_t* k_bits;
   const float* k_colc;
-  // Fused K (v10, bounded kernels without rel-pos, Nk <= a bound; workspace_layout.h
-  // fwd_k_fused): no pre-pass; every block packs the signs and colc of its keys from k itself
-  // (k_dtype == q_dtype, float, 16-byte aligned rows) into shared memory. k_bits / k_colc unused.
-  bool k_fused;
-  const void* k;
-  int64_t k_stride[3];
   const float* k_scale_abs;
   const int* relpos_off;
   int nk_pad;

@@ -102,22 +102,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static_assert(kBlockN % (8 * kChunkNB) == 0, "whole online chunks per tile");
   // Bytes of packed Q the fragments read per row: words 0-1 (kDup128), 0-3 (k128), 0-7 (k256).
   static constexpr int kQBytes = kK256 ? 32 : (kQK == QK::kK128 ? 16 : 8);
-  // v10 fused K (a.k_fused; without rel-pos only): the block packs the K signs and colc of all of
-  // its key tiles in the prologue into a resident area at kSmemFixed (after the stages and Q):
-  // tile n at kSmemFixed + n * kResTileBytes, in the stage's layout (K bits at kOffKBits = 0,
-  // kBlockN rows of kKPitch words, then colc at kOffColc). The scores read either through one
-  // pointer (kt: the stage or the resident tile). Bytes the fragments read per key row: kQBytes
-  // (the same words as Q: 0-1 kDup128, 0-3 k128, 0-7 k256).
-  static constexpr bool kFusedK = !kRelPos;
-  static_assert(Tr::kOffKBits == 0, "the resident tile starts with the K bits");
-  static constexpr int kResTileBytes = Tr::kOffKScale;  // kOffColc + kBlockN * 4
-  static_assert(kResTileBytes % 16 == 0 && Tr::kSmemFixed % 16 == 0, "aligned resident tiles");
-  static_assert((kBlockN * kQBytes) % kThreads == 0, "whole K-byte rounds per tile");
-  // K sign bytes a thread loads per packing round (each one 16-byte load, two for fp32): all of
-  // a round's loads are in flight together; ViT-B (197 keys, d = 64, fp16, 8 warps) is one round.
-  static constexpr int kKRoundItems = 8;
-  // Fused K for this call (read from the kernel parameters where needed: no register across the loop).
-  __device__ __forceinline__ bool k_fused() const { return kFusedK && a.k_fused; }
 
   float lse_shift[kRows];  // c_i d + rmax_h log2(e) - kTop: z units -> log2 units
   float row_add[kRows];    // FFMA addend without rel-pos: kTop (- 2 c_i p(q_i) for kDup128)
@@ -161,7 +145,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       if (s < n_tiles) load_tile_checked(s, n_tiles - 1 - s, tid, first_masked);
       cp_async_commit();
     }
-    prologue(tid, n_tiles);
+    prologue(tid);
 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) l_run[r] = 0.0f;
@@ -182,8 +166,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       const int n_tile = n_tiles - 1 - it;
       const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
       const int key0 = n_tile * kBlockN;
-      // K bits and colc of the tile: the stage, or (fused K) the resident tile
-      const unsigned char* kt = k_fused() ? smem + Tr::kSmemFixed + n_tile * kResTileBytes : st;
 #if defined(BINFORMER_FWD_HOST_EMULATION)
       fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
 #endif
@@ -194,15 +176,15 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         int warp_limit = a.Nk - key0;
         if (a.causal) warp_limit = min(warp_limit, m0 + rows_end - key0);
         if (fixed) {
-          fixed_tile<true>(st, kt, key0, warp_limit);
+          fixed_tile<true>(st, key0, warp_limit);
         } else {
-          online_tile<true>(st, kt, key0, warp_limit);
+          online_tile<true>(st, key0, warp_limit);
         }
       } else {
         if (fixed) {
-          fixed_tile<false>(st, kt, key0, kBlockN);
+          fixed_tile<false>(st, key0, kBlockN);
         } else {
-          online_tile<false>(st, kt, key0, kBlockN);
+          online_tile<false>(st, key0, kBlockN);
         }
       }
       // The next iteration's barrier releases this stage to the copies: its wgmma must be done.
@@ -314,19 +296,17 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     // The workspace rows are padded to whole tiles: no key checks.
     const int64_t key_row = int64_t(bh) * a.nk_pad + key0;
     const char* k_tile = reinterpret_cast<const char*>(a.k_bits) + key_row * kKRowBytes;
-    if (!k_fused()) {  // (fused K: the bits and colc are resident, the stage holds V only)
-      Base::template copy_chunks<kKChunks>(tid, [&](int c) {
-        cp_async_16(st_addr + k_stage_offset(c), k_tile + uint32_t(c) * 16u, 16);
-      });
-      const char* colc_tile = reinterpret_cast<const char*>(a.k_colc + key_row);
-      const char* off_tile = kRelPos ? reinterpret_cast<const char*>(a.relpos_off + key0) : nullptr;
-      Base::template copy_chunks<kBlockN / 4>(tid, [&](int c) {
-        cp_async_16(st_addr + Tr::kOffColc + uint32_t(c) * 16u, colc_tile + uint32_t(c) * 16u, 16);
-        if constexpr (kRelPos) {
-          cp_async_16(st_addr + Tr::kOffRelOff + uint32_t(c) * 16u, off_tile + uint32_t(c) * 16u, 16);
-        }
-      });
-    }
+    Base::template copy_chunks<kKChunks>(tid, [&](int c) {
+      cp_async_16(st_addr + k_stage_offset(c), k_tile + uint32_t(c) * 16u, 16);
+    });
+    const char* colc_tile = reinterpret_cast<const char*>(a.k_colc + key_row);
+    const char* off_tile = kRelPos ? reinterpret_cast<const char*>(a.relpos_off + key0) : nullptr;
+    Base::template copy_chunks<kBlockN / 4>(tid, [&](int c) {
+      cp_async_16(st_addr + Tr::kOffColc + uint32_t(c) * 16u, colc_tile + uint32_t(c) * 16u, 16);
+      if constexpr (kRelPos) {
+        cp_async_16(st_addr + Tr::kOffRelOff + uint32_t(c) * 16u, off_tile + uint32_t(c) * 16u, 16);
+      }
+    });
     if constexpr (kRelPos) {
       if (a.relpos_stream) {
         const RelPosWindow w = relpos_slice(n_tile);
@@ -343,15 +323,13 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
     }
     if (!kVRowsMap && tid >= kVCopyThreads) return;  // (the 8-key mapping: past 8 chunks, no V)
-    // (zero-filled chunks name any valid global address: the tile's K bits, or with fused K,
-    // where the workspace is not written, the start of V)
-    const char* valid = k_fused() ? static_cast<const char*>(a.v) : k_tile;
+    // (zero-filled chunks name any valid global address: the tile's K bits)
     if (a.v_async_ok) {
-      copy_v<kCheckKeys>(key0, tid, valid, [&](uint32_t dst, const char* src, int bytes) {
+      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
         cp_async_16(st_addr + dst, src, bytes);
       });
     } else {  // (rows not 16-byte aligned)
-      copy_v<kCheckKeys>(key0, tid, valid, [&](uint32_t dst, const char* src, int bytes) {
+      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
         Base::copy_16_sync(st + dst, src, bytes);
       });
     }
@@ -426,27 +404,13 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // ============================================================================== prologue
   // Q signs -> shared memory (one byte of 8 signs per load, all loads of a thread in flight
   // together), the rel-pos window to z units, then the fragments and the row constants.
-  // Fused K: the K sign bytes and colc of tiles 0 .. n_tiles - 1 too (pack_q), their loads
-  // issued with Q's.
-  __device__ __forceinline__ void prologue(int tid, int n_tiles) {
-    const float k_head = a.k_scale_head != nullptr
-                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
-                                     int64_t(h) * a.k_scale_head_stride[1])
-                             : 1.0f;
+  __device__ __forceinline__ void prologue(int tid) {
     const bool vec = a.q_vec_ok;
-    if (k_fused()) {  // (the host checked: k_dtype == q_dtype, float, both 16-byte aligned)
-      switch (a.q_dtype) {
-        case DType::kFloat16: pack_q<DType::kFloat16, true, kFusedK>(tid, n_tiles, k_head); break;
-        case DType::kBFloat16: pack_q<DType::kBFloat16, true, kFusedK>(tid, n_tiles, k_head); break;
-        default: pack_q<DType::kFloat32, true, kFusedK>(tid, n_tiles, k_head); break;
-      }
-    } else {
-      switch (a.q_dtype) {
-        case DType::kFloat16: vec ? pack_q<DType::kFloat16, true>(tid) : pack_q<DType::kFloat16, false>(tid); break;
-        case DType::kBFloat16: vec ? pack_q<DType::kBFloat16, true>(tid) : pack_q<DType::kBFloat16, false>(tid); break;
-        case DType::kFloat32: vec ? pack_q<DType::kFloat32, true>(tid) : pack_q<DType::kFloat32, false>(tid); break;
-        default: pack_q<DType::kBits, false>(tid); break;
-      }
+    switch (a.q_dtype) {
+      case DType::kFloat16: vec ? pack_q<DType::kFloat16, true>(tid) : pack_q<DType::kFloat16, false>(tid); break;
+      case DType::kBFloat16: vec ? pack_q<DType::kBFloat16, true>(tid) : pack_q<DType::kBFloat16, false>(tid); break;
+      case DType::kFloat32: vec ? pack_q<DType::kFloat32, true>(tid) : pack_q<DType::kFloat32, false>(tid); break;
+      default: pack_q<DType::kBits, false>(tid); break;
     }
     float rmax2 = 0.0f, rmin2 = 0.0f;  // the head's table range in log2 units
     range_ok = true;
@@ -490,6 +454,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       rowc[2 * mt + 1] = (kDup ? 0 : 0x4BC00000) - pop_hi;
     }
 
+    const float k_head = a.k_scale_head != nullptr
+                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
+                                     int64_t(h) * a.k_scale_head_stride[1])
+                             : 1.0f;
     const float* tab = reinterpret_cast<const float*>(smem + Tr::kSmemFixed);
     const uint32_t tab_addr = smem_u32(tab);
     bool start_fixed = true;
@@ -534,9 +502,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
   // Sign bytes of the block's Q rows: row r's 32-byte slot holds 8 words; bytes past d (and
   // rows past Nq) are zero. Rows with scale * a_i < 0 get their d bits flipped.
-  // kWithK (fused K): the loads of the first K round are issued before Q's bytes are stored.
-  template <DType kDtype, bool kVec, bool kWithK = false>
-  __device__ __forceinline__ void pack_q(int tid, int n_tiles = 0, float k_head = 1.0f) {
+  template <DType kDtype, bool kVec>
+  __device__ __forceinline__ void pack_q(int tid) {
     unsigned char* sq = smem + Tr::kOffQ;
     const int q_elem = kDtype == DType::kFloat32 || kDtype == DType::kBits ? 4 : 2;
     const char* q_head = static_cast<const char*>(a.q) +
@@ -544,98 +511,33 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     const int d_bytes = a.d / 8;
     constexpr int kTotal = kBlockM * kQBytes;
     static_assert(kTotal % kThreads == 0, "whole Q-byte rounds");
-    constexpr int kQItems = kTotal / kThreads;
-    uint32_t qbyte[kQItems];
 #pragma unroll
-    for (int it = 0; it < kQItems; ++it) {
+    for (int it = 0; it < kTotal / kThreads; ++it) {
       const int idx = tid + it * kThreads;
       const int r = idx / kQBytes, c = idx % kQBytes, i = m0 + r;
-      qbyte[it] = 0;
+      uint32_t byte = 0;
       if (i < a.Nq && c < d_bytes) {
-        qbyte[it] = load_sign_byte(q_head + int64_t(i) * a.q_stride[2] * q_elem, kDtype, c, kVec);
-        if (a.scale * this->query_factor(i) < 0.0f) qbyte[it] ^= 0xFFu;
+        byte = load_sign_byte(q_head + int64_t(i) * a.q_stride[2] * q_elem, kDtype, c, kVec);
+        if (a.scale * this->query_factor(i) < 0.0f) byte ^= 0xFFu;
       }
+      sq[r * 32 + c] = static_cast<unsigned char>(byte);
     }
-    auto store_q = [&]() {
-#pragma unroll
-      for (int it = 0; it < kQItems; ++it) {
-        const int idx = tid + it * kThreads;
-        sq[(idx / kQBytes) * 32 + idx % kQBytes] = static_cast<unsigned char>(qbyte[it]);
-      }
-      // Words past kQBytes are read for the popcount (always zero: write them).
-      if constexpr (kQBytes < 32) {
-        constexpr int kZeroWords = (32 - kQBytes) / 4;
-        uint32_t* sq32 = reinterpret_cast<uint32_t*>(sq);
-        for (int idx = tid; idx < kBlockM * kZeroWords; idx += kThreads) {
-          sq32[(idx / kZeroWords) * 8 + kQBytes / 4 + idx % kZeroWords] = 0u;
-        }
-      }
-    };
-    if constexpr (kWithK) {
-      pack_k<kDtype>(tid, n_tiles, k_head, store_q);
-    } else {
-      store_q();
-    }
-  }
-
-  // Fused K: the sign bytes of key rows 0 .. n_tiles * kBlockN - 1 into the resident tiles
-  // (bytes 0 .. kQBytes - 1 of each row), with the K pre-pass's semantics (pack_keys.h): signs
-  // flipped where the head's k scale is < 0, zero bytes past d and zero rows past Nk, colc =
-  // -(1.5 * 2^24) - 2 p(k_j) (rows past Nk: -(1.5 * 2^24); their scores are masked). A row's
-  // kQBytes bytes are kQBytes neighbouring lanes (kQBytes divides 32): the popcount is a
-  // shuffle sum over them. Rounds of kKRoundItems bytes per thread, all loads of a round in
-  // flight before the first use; Q's bytes are stored after the first round's loads are issued.
-  template <DType kDtype, class F>
-  __device__ __forceinline__ void pack_k(int tid, int n_tiles, float k_head, F&& store_q) {
-    constexpr int kElem = kDtype == DType::kFloat32 ? 4 : 2;
-    const char* k_base = static_cast<const char*>(a.k) +
-                         (int64_t(b) * a.k_stride[0] + int64_t(h) * a.k_stride[1]) * kElem;
-    const int64_t k_row_bytes = a.k_stride[2] * kElem;
-    const int d_bytes = a.d / 8;
-    const uint32_t flip = k_head < 0.0f ? 0xFFu : 0u;  // (the pre-pass: b_j < 0; NaN: no flip)
-    const int n_items = n_tiles * (kBlockN * kQBytes);
-    constexpr int kRound = kKRoundItems * kThreads;
-    static_assert(kRound % kQBytes == 0 && 32 % kQBytes == 0, "a row's bytes in neighbouring lanes");
-    unsigned char* res = smem + Tr::kSmemFixed;
-    for (int r0 = 0; r0 < n_items; r0 += kRound) {
-      uint32_t kb[kKRoundItems];
-#pragma unroll
-      for (int it = 0; it < kKRoundItems; ++it) {
-        const uint32_t idx = uint32_t(r0 + tid + it * kThreads);
-        const int key = int(idx / kQBytes), c = int(idx % kQBytes);
-        kb[it] = 0;
-        if (key < a.Nk && c < d_bytes) {
-          kb[it] = load_sign_byte(k_base + int64_t(key) * k_row_bytes, kDtype, c, true) ^ flip;
-        }
-      }
-      if (r0 == 0) store_q();
-#pragma unroll
-      for (int it = 0; it < kKRoundItems; ++it) {
-        const uint32_t idx = uint32_t(r0 + tid + it * kThreads);
-        const uint32_t key = idx / kQBytes, c = idx % kQBytes;
-        int pc = __popc(kb[it]);
-#pragma unroll
-        for (int sh = 1; sh < kQBytes; sh *= 2) pc += __shfl_xor_sync(0xffffffffu, pc, sh);
-        if (idx < uint32_t(n_items)) {
-          unsigned char* tile = res + (key / kBlockN) * kResTileBytes;
-          const uint32_t kr = key % kBlockN;
-          tile[Tr::kOffKBits + kr * (kKPitch * 4) + c] = static_cast<unsigned char>(kb[it]);
-          if (c == 0) {
-            *reinterpret_cast<float*>(tile + Tr::kOffColc + kr * 4) = -(25165824.0f + 2.0f * float(pc));
-          }
-        }
+    // Words past kQBytes are read for the popcount (always zero: write them).
+    if constexpr (kQBytes < 32) {
+      constexpr int kZeroWords = (32 - kQBytes) / 4;
+      uint32_t* sq32 = reinterpret_cast<uint32_t*>(sq);
+      for (int idx = tid; idx < kBlockM * kZeroWords; idx += kThreads) {
+        sq32[(idx / kZeroWords) * 8 + kQBytes / 4 + idx % kZeroWords] = 0u;
       }
     }
   }
 
   // ============================================================================== scores
   // z for the n8 key block nb of the tile (elements as the m16n8 C fragment), -inf where masked.
-  // kt: the tile's K bits and colc (the stage, or the resident tile with fused K); st: the stage
-  // (the rel-pos column offsets).
   template <bool kMask>
-  __device__ __forceinline__ void scores_nb(float (&z)[kMT][4], const unsigned char* kt,
-                                            const unsigned char* st, int nb, int key0) const {
-    const uint32_t* krow = reinterpret_cast<const uint32_t*>(kt + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
+  __device__ __forceinline__ void scores_nb(float (&z)[kMT][4], const unsigned char* st, int nb,
+                                            int key0) const {
+    const uint32_t* krow = reinterpret_cast<const uint32_t*>(st + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
     int pc[kMT][4];
     if constexpr (kDup) {
       const uint32_t kb = krow[t & 1];
@@ -653,7 +555,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       for (int mt = 0; mt < kMT; ++mt) mma_and_popc_k128(pc[mt], qa[mt][0], qa[mt][1], kb0);
     }
     const float2 cc = *reinterpret_cast<const float2*>(
-        reinterpret_cast<const float*>(kt + Tr::kOffColc) + nb * 8 + 2 * t);
+        reinterpret_cast<const float*>(st + Tr::kOffColc) + nb * 8 + 2 * t);
     int2 off = make_int2(0, 0);
     if constexpr (kRelPos) {
       off = *reinterpret_cast<const int2*>(reinterpret_cast<const int*>(st + Tr::kOffRelOff) +
@@ -704,10 +606,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
   // P = 2^z, streamed one k16 key step at a time.
   template <bool kMask>
-  __device__ __forceinline__ void fixed_tile(const unsigned char* st, const unsigned char* kt, int key0,
-                                             int warp_limit) {
+  __device__ __forceinline__ void fixed_tile(const unsigned char* st, int key0, int warp_limit) {
     if constexpr (kWgmma) {
-      fixed_tile_wgmma<kMask>(st, kt, key0, warp_limit);
+      fixed_tile_wgmma<kMask>(st, key0, warp_limit);
       return;
     }
     const uint32_t v_lane = this->v_lane_addr(st);
@@ -726,7 +627,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
           continue;
         }
         float z[kMT][4];
-        scores_nb<kMask>(z, kt, st, nb, key0);
+        scores_nb<kMask>(z, st, nb, key0);
         const bool poly = poly_exp_block<kMask>(nb);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
@@ -767,8 +668,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // uniform is serialized (ptxas C7520), and the condition would have to be uniform per
   // warpgroup anyway (.aligned).
   template <bool kMask>
-  __device__ __forceinline__ void fixed_tile_wgmma(const unsigned char* st, const unsigned char* kt, int key0,
-                                                   int warp_limit) {
+  __device__ __forceinline__ void fixed_tile_wgmma(const unsigned char* st, int key0, int warp_limit) {
     const uint64_t desc0 = VLayout::desc(smem_u32(st + Tr::kOffV));
 #pragma unroll
     for (int kg = 0; kg < kBlockN / (16 * kGroupSteps); ++kg) {
@@ -786,7 +686,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
             continue;
           }
           float z[kMT][4];
-          scores_nb<kMask>(z, kt, st, nb, key0);
+          scores_nb<kMask>(z, st, nb, key0);
           const bool poly = poly_exp_block<kMask>(nb);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -840,8 +740,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // kernel.h's online softmax in z units, on 32-key chunks; after the tile, the switch to the
   // fixed maximum when every row's running maximum reached kFloor.
   template <bool kMask>
-  __device__ __forceinline__ void online_tile(const unsigned char* st, const unsigned char* kt, int key0,
-                                              int warp_limit) {
+  __device__ __forceinline__ void online_tile(const unsigned char* st, int key0, int warp_limit) {
     const uint32_t v_lane = this->v_lane_addr(st);
 #pragma unroll
     for (int ch = 0; ch < kBlockN / (8 * kChunkNB); ++ch) {
@@ -863,7 +762,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
           continue;
         }
         float z[kMT][4];
-        scores_nb<kMask>(z, kt, st, nb, key0);
+        scores_nb<kMask>(z, st, nb, key0);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -972,13 +871,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     }
   }
 };
-
-// v10 fused K: the shared memory of the resident K tiles of a block (launch.h and the emulator add
-// it after Tr::kSmemFixed; no rel-pos).
-template <class Tr>
-constexpr size_t fwd_fused_k_smem_bytes(int nk) {
-  return size_t((nk + Tr::kBlockN - 1) / Tr::kBlockN) * size_t(Tr::kOffKScale);  // (kResTileBytes)
-}
 
 // The dynamic shared memory base rounded up to kAlign (the launcher adds Tr::kSmemAlignSlack).
 template <int kAlign>

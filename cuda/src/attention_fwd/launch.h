@@ -138,12 +138,6 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
     if (!size_bounded_relpos(args, Tr::kBlockM, Tr::kBlockN, Tr::kStages)) return cudaErrorInvalidConfiguration;
     smem += fwd_bounded_relpos_smem(args, Tr::kStages);
   }
-  // v10 fused K: the block's resident K bits + colc after the stages (no rel-pos: the host never
-  // sets k_fused for rel-pos calls).
-  if (args.k_fused) {
-    if (Tr::kBoundedRelPos) return cudaErrorInvalidValue;
-    smem += fwd_fused_k_smem_bytes<Tr>(args.Nk);
-  }
   if constexpr (Tr::kWgmma) {
     static const bool has_code = kernel_has_sm90a_code(attention_fwd_bounded_wgmma_kernel<Tr>);
     if (!has_code) return cudaErrorNotSupported;  // the caller falls back to mma.sync
@@ -235,9 +229,6 @@ cudaError_t run_attention_fwd(FwdArgs args, cudaStream_t stream) {
       if (launched || err != cudaSuccess) return err;
     }
   }
-  // (fused K is set by the host only for calls that run a bounded kernel: the online kernels
-  // read the pre-pass output)
-  if (args.k_fused) return cudaErrorNotSupported;
   if (dense_bias || relpos) {
     using Tr = FwdTraits<kDvPad, kPv, kDvMasked, true>;
     return per_token_k ? launch_attention_fwd<Tr, true>(args, stream)

@@ -30,8 +30,7 @@ namespace {
 
 // kOnlineBias: rel-pos via kernel.h; kWgmma: the bounded kernel's sm_90a variant (Dv = 64..128);
 // kWgmmaNarrow: the same on the narrow one-warpgroup block (64 rows, Dv = 64).
-// kBounded4x2: the mma.sync bounded kernel on the 4-warp x 2-m-tile block (Dv <= 64).
-enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma, kWgmmaNarrow, kBounded4x2 };
+enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma, kWgmmaNarrow };
 
 struct Case {
   std::string name;
@@ -52,10 +51,6 @@ struct Case {
   // the buffer (the epilogue's staged / vector / scalar stores, chosen from the alignment as
   // attention_fwd.cu does), V starting v_offset elements in (odd: the synchronous V copies).
   int out_pad = 0, out_offset = 0, v_offset = 0;
-  // v10 fused K (bounded kernels without rel-pos): no pre-pass output (k_bits / k_colc null), the
-  // block packs K from the qk_dtype rows (0 fp16, 1 bf16, 2 fp32; q in the same dtype).
-  bool fused_k = false;
-  int qk_dtype = 0;
   uint32_t seed = 1;
 };
 
@@ -105,7 +100,6 @@ void launch(FwdArgs args) {
       smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
     }
   }
-  if (args.k_fused) smem += fwd_fused_k_smem_bytes<Tr>(args.Nk);  // as launch.h
   bwd_emulation::launch(entry<Tr>, unsigned(args.num_m_blocks * args.B * args.H), unsigned(Tr::kThreads),
                         smem, args);
 }
@@ -124,12 +118,6 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
   const bool ptk = args.k_scale_abs != nullptr;
   if (kernel == Kernel::kBounded) {
     dispatch<kDv, kPv, kRelPos, false, BoundedShape::kWide, kMasked>(args);
-  } else if (kernel == Kernel::kBounded4x2) {
-    if constexpr (kDv <= 64) {
-      dispatch<kDv, kPv, kRelPos, false, BoundedShape::k4x2, kMasked>(args);
-    } else {
-      std::abort();  // (Dv <= 64 only)
-    }
   } else if (kernel == Kernel::kWgmma) {
     if constexpr (!kMasked && (kDv == 64 || kDv == 72 || kDv == 80 || kDv == 96 || kDv == 128)) {
       const long long before = wgmma_emulation::wgmma_issued_total();
@@ -179,19 +167,16 @@ bool run_case(const Case& c) {
   // q as fp16 rows (packed in the kernel), k signs packed here, v fp16/bf16.
   std::vector<uint16_t> q(size_t(B) * H * Nq * d);
   std::vector<int8_t> qs(q.size()), ks(size_t(B) * H * Nk * d);
-  std::vector<float> qx(q.size()), kx(ks.size());  // (the fused-K cases' bf16 / fp32 rows)
   for (size_t i = 0; i < q.size(); ++i) {
     const double x = normal(rng);
     q[i] = binformer::test::float_to_half_bits(float(x));
     qs[i] = x < 0 ? -1 : 1;
-    qx[i] = float(x);
   }
   std::vector<uint16_t> kf(ks.size());  // fp16 K (the pre-pass input); exact zeros map to +1
   for (size_t i = 0; i < ks.size(); ++i) {
     const double x = uni(rng) < 0.03 ? 0.0 : normal(rng);
     kf[i] = binformer::test::float_to_half_bits(float(x));
     ks[i] = x < 0 ? -1 : 1;
-    kx[i] = float(x);
   }
   if (c.copy_q_every > 0) {  // the largest possible scores: P reaches 2^kTop in the fixed path
     for (int bh = 0; bh < B * H; ++bh)
@@ -200,7 +185,6 @@ bool run_case(const Case& c) {
           const size_t kidx = (size_t(bh) * Nk + j) * d + e;
           ks[kidx] = qs[(size_t(bh) * Nq + j) * d + e];
           kf[kidx] = binformer::test::float_to_half_bits(ks[kidx] > 0 ? 1.0f : -1.0f);
-          kx[kidx] = ks[kidx] > 0 ? 1.0f : -1.0f;
         }
   }
   std::vector<uint16_t> v(size_t(c.v_offset) + size_t(B) * H * Nk * dv);
@@ -346,27 +330,6 @@ bool run_case(const Case& c) {
     args.relpos_stream = c.relpos_stream;  // (launch() sizes the window / slices per shape)
   }
   args.causal = c.causal;
-  // Fused K: q and k rows in qk_dtype, no pre-pass output (a read of it would fault).
-  std::vector<uint16_t> q16, k16;
-  if (c.fused_k) {
-    args.k_fused = true;
-    args.k_bits = nullptr;
-    args.k_colc = nullptr;
-    args.k_stride[2] = d; args.k_stride[1] = int64_t(Nk) * d; args.k_stride[0] = int64_t(H) * Nk * d;
-    if (c.qk_dtype == 0) {
-      args.k = kf.data();
-    } else if (c.qk_dtype == 1) {
-      q16.resize(q.size());
-      k16.resize(kf.size());
-      for (size_t i = 0; i < q16.size(); ++i) q16[i] = binformer::test::float_to_bf16_bits(qx[i]);
-      for (size_t i = 0; i < k16.size(); ++i) k16[i] = binformer::test::float_to_bf16_bits(kx[i]);
-      args.q = q16.data(); args.q_dtype = DType::kBFloat16;
-      args.k = k16.data();
-    } else {
-      args.q = qx.data(); args.q_dtype = DType::kFloat32;
-      args.k = kx.data();
-    }
-  }
   if (c.bf16) {
     c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel) : dispatch_dv<PvKind::kBF16, false>(args, c.kernel);
   } else {
@@ -544,35 +507,6 @@ int main(int argc, char** argv) {
     c.name = "layout_dv40_masked"; c.dv = 40; c.d = 64; c.out_pad = 0; add(c);
     c.name = "layout_dv40_masked_online"; c.kernel = Kernel::kOnline; c.out_pad = 8; add(c);
     c.name = "layout_online_pad8"; c.dv = 64; c.per_token_k = true; add(c);
-  }
-  {  // v10 fused K (the block packs K itself, no pre-pass output): every bounded shape (mma.sync
-     // wide and 4x2, wgmma wide and narrow) on ViT-B's 197 x 197 (plain, causal, bf16 V with bf16
-     // q/k), d = 128 over 256 keys with negative per-head k scales, 45 keys in fp32 with negative
-     // scales, large scales (online path, then the switch); plus k256, Dv = 72 / 128 / masked 40.
-    const std::pair<Kernel, const char*> shapes[] = {{Kernel::kBounded, "fk_wide_"}, {Kernel::kBounded4x2, "fk_4x2_"},
-                                                     {Kernel::kWgmma, "fk_wgmma_"}, {Kernel::kWgmmaNarrow, "fk_narrow_"}};
-    for (const auto& [kernel, prefix] : shapes) {
-      const std::string pre = prefix;
-      Case c; c.kernel = kernel; c.fused_k = true; c.Nq = c.Nk = 197; c.B = 2; c.H = 2;
-      c.name = pre + "vitb_197"; add(c);
-      c.name = pre + "vitb_197_causal"; c.causal = true; add(c);
-      c.name = pre + "vitb_197_bf16"; c.causal = false; c.bf16 = true; c.qk_dtype = 1; add(c);
-      Case n = c; n.name = pre + "d128_nk256_neg"; n.bf16 = false; n.qk_dtype = 0; n.d = 128; n.Nq = 150;
-      n.Nk = 256; n.negative = true; add(n);
-      n.name = pre + "nk45_f32_neg"; n.d = 64; n.Nq = 70; n.Nk = 45; n.qk_dtype = 2; n.per_token_q = true; add(n);
-      n.name = pre + "online_causal"; n.qk_dtype = 0; n.scale_mult = 6.0; n.Nq = n.Nk = 230; n.causal = true; add(n);
-    }
-    Case c; c.fused_k = true; c.negative = true; c.name = "fk_wide_d200"; c.d = 200; c.Nq = 140; c.Nk = 250; add(c);
-    c.name = "fk_wgmma_d200_causal"; c.kernel = Kernel::kWgmma; c.causal = true; c.Nq = c.Nk = 240; add(c);
-    c.name = "fk_wgmma_d64_dv128"; c.causal = false; c.d = 64; c.dv = 128; c.Nq = 140; c.Nk = 197; add(c);
-    c.name = "fk_wide_d128_dv128_bf16"; c.kernel = Kernel::kBounded; c.d = 128; c.bf16 = true; c.qk_dtype = 1; add(c);
-    c.name = "fk_wide_d72_dv72_causal"; c.d = 72; c.dv = 72; c.bf16 = false; c.qk_dtype = 0; c.causal = true;
-    c.Nq = c.Nk = 150; add(c);
-    c.name = "fk_wgmma_d96_dv96_nk640"; c.kernel = Kernel::kWgmma; c.d = 96; c.dv = 96; c.causal = false;
-    c.Nq = 130; c.Nk = 640; add(c);
-    c.name = "fk_narrow_nk577_vitl"; c.kernel = Kernel::kWgmmaNarrow; c.d = 64; c.dv = 64; c.Nq = c.Nk = 577;
-    c.negative = false; add(c);
-    c.name = "fk_wide_dv40_masked"; c.kernel = Kernel::kBounded; c.dv = 40; c.Nq = 100; c.Nk = 200; add(c);
   }
   bool all = true;
   for (const Case& c : cases) {
