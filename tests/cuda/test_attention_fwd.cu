@@ -872,10 +872,13 @@ TEST_P(AttentionFwd, MatchesFloat64Reference) {
   run_against_reference(GetParam());
 }
 
+// gtest names of the parameterised cases: the case's name and its index.
+std::string case_test_name(const ::testing::TestParamInfo<Case>& info) {
+  return info.param.name + "_" + std::to_string(info.index);
+}
+
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name + "_" + std::to_string(info.index);
-                         });
+                         case_test_name);
 
 // The sm_90a variant of the bounded kernels (wgmma P.V, cuda/src/attention_fwd/pv_wgmma.h) is the
 // default on compute capability 9.0 devices (launch.h; BINFORMER_FWD_SM90=0 turns it off), so on
@@ -982,9 +985,7 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name + "_" + std::to_string(info.index);
-                         });
+                         case_test_name);
 
 // The narrow one-warpgroup block of the Dv = 64 wgmma kernel (v8: 64 rows, 4 blocks per SM;
 // launch.h takes it without rel-pos for Nk >= BINFORMER_FWD_SM90_NARROW_MIN_NK unless BINFORMER_FWD_SM90_NARROW
@@ -1011,9 +1012,7 @@ TEST_P(AttentionFwdSm90Narrow, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90Narrow, ::testing::ValuesIn(sm90_narrow_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name + "_" + std::to_string(info.index);
-                         });
+                         case_test_name);
 
 class AttentionFwdMmaSync : public ::testing::TestWithParam<Case> {};
 
@@ -1064,9 +1063,7 @@ TEST_P(AttentionFwdRelPosStream, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdRelPosStream, ::testing::ValuesIn(relpos_stream_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name + "_" + std::to_string(info.index);
-                         });
+                         case_test_name);
 
 // Same inputs, same bits: no atomics or order-dependent reductions in the forward pass.
 TEST(AttentionFwdDeterminism, RunToRunIdentical) {
