@@ -30,9 +30,16 @@ if [[ $steps == *" build "* ]]; then
   python3 -c "import binformer, torch; print('binformer', binformer.__file__, 'cuda:', binformer.has_cuda())" 2>&1 | tee -a "$OUT/cycle.log"
 fi
 if [[ $steps == *" gtest "* ]]; then
-  log "gtest CUDA"
-  timeout 300 ./build-tests/binformer_cuda_tests --gtest_brief=1 > "$OUT/gtest_cuda.log" 2>&1; log "gtest rc=$?"
-  tail -15 "$OUT/gtest_cuda.log"
+  # 8 shards side by side (one process runs the suite in ~15 min; GTEST_FILTER narrows it)
+  log "gtest CUDA (8 shards) ${GTEST_FILTER:-}"
+  for i in 0 1 2 3 4 5 6 7; do
+    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout 400 ./build-tests/binformer_cuda_tests --gtest_brief=1 \
+        > "$OUT/gtest_cuda_$i.log" 2>&1 &
+  done
+  rc=0; for job in $(jobs -p); do wait "$job" || rc=1; done
+  cat "$OUT"/gtest_cuda_?.log > "$OUT/gtest_cuda.log"; rm -f "$OUT"/gtest_cuda_?.log
+  log "gtest rc=$rc: $(grep -c '^\[  PASSED' "$OUT/gtest_cuda.log") shards passed, $(grep -h '^\[  PASSED' "$OUT/gtest_cuda.log" | awk '{s+=$4} END {print s}') tests; failed: $(grep -c '^\[  FAILED  \] [A-Z]' "$OUT/gtest_cuda.log")"
+  grep -E "FAILED|Failure" "$OUT/gtest_cuda.log" | head -20
 fi
 if [[ $steps == *" sanitize "* ]]; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do

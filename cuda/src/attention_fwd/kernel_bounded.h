@@ -106,6 +106,15 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   float lse_shift[kRows];  // c_i d + rmax_h log2(e) - kTop: z units -> log2 units
   float row_add[kRows];    // FFMA addend without rel-pos: kTop (- 2 c_i p(q_i) for kDup128)
   bool fixed;              // warp-uniform: the row maxima are fixed at 0 (P = 2^z)
+  // P table (Tr::kPTable and a.p_table; block-uniform, see "P table" below): the A words of
+  // x = p(q XOR k) for rows lo / hi of each m-tile, the flip that turns this lane's K word into
+  // its B word, the shared address of T[0], the ones-matrix descriptor (wgmma), and the row sums
+  // of the table's P (m16n8 C layout: element 0 row lo, 2 row hi).
+  bool ptable;
+  uint32_t tab_q[Tr::kPTable ? kMT : 1][2];
+  uint32_t tab_kflip, tab_p;
+  uint64_t ones_desc;
+  float lsum[Tr::kPTable ? kMT : 1][1][4];
   bool range_ok;           // the rel-pos range is finite (else z <= kTop is not guaranteed)
   // Rel-pos: shared-memory byte address of the table entry for (row, key with off_j = 0), the
   // byte step per unit of off_j (-4; 0 on the cls row), and the row's cls-column entry.
@@ -155,6 +164,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.0f;
+    if constexpr (Tr::kPTable) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) lsum[mt][0][e] = 0.0f;
+    }
 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait<Tr::kStages - 2>();
@@ -167,7 +182,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
       const int key0 = n_tile * kBlockN;
 #if defined(BINFORMER_FWD_HOST_EMULATION)
-      fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
+      fwd_emulation::count_tile(fixed, ptable);  // coverage of the fixed / online / table paths
 #endif
       if (n_tile >= first_masked) {
         // n8 blocks at or past warp_limit are masked for every row of the warp (wgmma: of the
@@ -189,6 +204,17 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
       // The next iteration's barrier releases this stage to the copies: its wgmma must be done.
       if constexpr (kWgmma) pv_drain();
+    }
+    // The table's row sums (zero unless it ran) are whole rows in every lane of the quad, whose
+    // partial l_run the epilogue adds up: one lane contributes them. (Weighted, not branched:
+    // reading a wgmma accumulator on a divergent path serializes every wgmma, ptxas C7520.)
+    if constexpr (Tr::kPTable) {
+      const float w = t == 0 ? 1.0f : 0.0f;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        l_run[2 * mt] = fmaf(w, lsum[mt][0][0], l_run[2 * mt]);
+        l_run[2 * mt + 1] = fmaf(w, lsum[mt][0][2], l_run[2 * mt + 1]);
+      }
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] += lse_shift[r];  // the epilogue's lse in log2 units
@@ -430,6 +456,15 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       rel_zadd = add;
       for (int idx = tid; idx < rel_len + 3; idx += kThreads) tab[idx] = fmaf(tab[idx], kLog2e, add);
     }
+    const float k_head = a.k_scale_head != nullptr
+                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
+                                     int64_t(h) * a.k_scale_head_stride[1])
+                             : 1.0f;
+    ptable = false;
+    if constexpr (Tr::kPTable) {
+      ptable = a.p_table;
+      if (ptable) write_p_table(tid, fabsf(a.scale * this->query_factor(m0) * k_head) * kLog2e);
+    }
     __syncthreads();
 
     const uint32_t* sq = reinterpret_cast<const uint32_t*>(smem + Tr::kOffQ);
@@ -452,12 +487,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       // the mma's C and, without rel-pos, its -2 p(q_i) in row_add.
       rowc[2 * mt] = (kDup ? 0 : 0x4BC00000) - pop_lo;
       rowc[2 * mt + 1] = (kDup ? 0 : 0x4BC00000) - pop_hi;
+      if constexpr (Tr::kPTable) {  // A = (q0, q1, ~q0, ~q1) across the quad
+        const uint32_t flip = t < 2 ? 0u : ~0u;
+        tab_q[mt][0] = sq[lo * 8 + (t & 1)] ^ flip;
+        tab_q[mt][1] = sq[hi * 8 + (t & 1)] ^ flip;
+      }
     }
-
-    const float k_head = a.k_scale_head != nullptr
-                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
-                                     int64_t(h) * a.k_scale_head_stride[1])
-                             : 1.0f;
     const float* tab = reinterpret_cast<const float*>(smem + Tr::kSmemFixed);
     const uint32_t tab_addr = smem_u32(tab);
     bool start_fixed = true;
@@ -607,6 +642,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // P = 2^z, streamed one k16 key step at a time.
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile(const unsigned char* st, int key0, int warp_limit) {
+    if constexpr (Tr::kPTable) {
+      if (ptable) {
+        table_tile<kMask>(st, key0, warp_limit);
+        return;
+      }
+    }
     if constexpr (kWgmma) {
       fixed_tile_wgmma<kMask>(st, key0, warp_limit);
       return;
@@ -659,6 +700,119 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     }
   }
 
+  // ============================================================================== P table
+  // With one row factor for the whole block (no per-token a_i), no rel-pos and d <= 64, the fixed
+  // path's exponent is z = kTop - 2 c x with x = p(q_i XOR k_j) in 0..d: P = 2^z takes only d + 1
+  // values. The block writes them once to T[0..d] (T[d + 1] = 0 for masked keys), and every score
+  // element becomes a table lookup: LEA + LDS + one PRMT instead of FADD + FFMA + MUFU.EX2 + FADD
+  // + half an F2FP (SPEC.md section 3: beating the exp floor needs the exp work off the MUFU).
+  // x comes from the same m16n8k128 AND.popc, with A = (q0, q1, ~q0, ~q1) and B = (~k0, ~k1, k0,
+  // k1) across the quad: p(q & ~k) + p(~q & k) = p(q XOR k) (past d the bits of q and k are
+  // zero, so both products are zero there).
+  // The row sums move to the tensor cores: P times a ones matrix, an n8 product per k16 step
+  // (wgmma m64n8k16 on sm_90a, mma.sync m16n8k16 otherwise). Every score of a row with the same x
+  // has the same P, so summing the 16-bit P that P.V uses would carry the rounding of a few
+  // entries into lse unaveraged (up to 2^-12 relative, 30x the fp32 pipeline's): each entry is
+  // 32 bits, the 16-bit P in the low half and the 16-bit rounding of (P - that) in the high half,
+  // and both halves go through the ones product (the high halves of two entries are one PRMT).
+  __device__ __forceinline__ void write_p_table(int tid, float c) {
+    constexpr uint32_t kOne = kBF ? 0x3F80u : 0x3C00u;
+    uint32_t* ones = reinterpret_cast<uint32_t*>(smem + Tr::kOffPTable);
+    for (int idx = tid; idx < Tr::kPTableOnesBytes / 4; idx += kThreads) ones[idx] = kOne | (kOne << 16);
+    uint32_t* table = reinterpret_cast<uint32_t*>(smem + Tr::kOffPTable + Tr::kPTableOnesBytes);
+    for (int x = tid; x <= a.d + 1; x += kThreads) {
+      const float p = x <= a.d ? exp2f(kTop - 2.0f * c * float(x)) : 0.0f;
+      const uint32_t hi = pack_pair<kBF>(p, 0.0f) & 0xFFFFu;
+      const float hi_f = kBF ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half(uint16_t(hi)));
+      table[x] = hi | (pack_pair<kBF>(p - hi_f, 0.0f) << 16);
+    }
+    tab_p = smem_u32(table);
+    tab_kflip = t < 2 ? ~0u : 0u;
+    // No swizzle, 16-byte rows 128 bytes apart in both directions: every element a 1.
+    const uint32_t ones_addr = smem_u32(ones);
+    ones_desc = uint64_t((ones_addr >> 4) & 0x3FFFu) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
+  }
+
+  // The P words of the n8 key block nb (columns 2t, 2t + 1): pw[mt][0] row lo, [1] row hi; plo
+  // the same for the rounding remainders.
+  template <bool kMask>
+  __device__ __forceinline__ void table_p_nb(uint32_t (&pw)[kMT][2], uint32_t (&plo)[kMT][2],
+                                             const unsigned char* st, int nb, int key0) const {
+    const uint32_t* krow = reinterpret_cast<const uint32_t*>(st + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
+    const uint32_t kb = krow[t & 1] ^ tab_kflip;
+    const uint32_t masked_at = tab_p + 4u * uint32_t(a.d + 1);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      int x[4];
+      mma_and_popc_k128_c(x, tab_q[mt][0], tab_q[mt][1], kb, 0, 0);
+      uint32_t ent[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        uint32_t at = tab_p + 4u * uint32_t(x[e]);
+        if (kMask) {
+          const int j = key0 + nb * 8 + 2 * t + (e & 1);
+          const bool ok = j < a.Nk && (!a.causal || j <= row_of(2 * mt + e / 2));
+          at = ok ? at : masked_at;
+        }
+        ent[e] = __float_as_uint(lds_f32(at));
+      }
+      pw[mt][0] = prmt(ent[0], ent[1], 0x5410u);
+      pw[mt][1] = prmt(ent[2], ent[3], 0x5410u);
+      plo[mt][0] = prmt(ent[0], ent[1], 0x7632u);
+      plo[mt][1] = prmt(ent[2], ent[3], 0x7632u);
+    }
+  }
+
+  // fixed_tile with P from the table: k16 steps, each its own wgmma commit group on sm_90a (the
+  // P words and their remainders are twice fixed_tile_wgmma's registers per step; two-step groups
+  // spilled at 128 registers), P.V and the two row-sum products per step.
+  template <bool kMask>
+  __device__ __forceinline__ void table_tile(const unsigned char* st, int key0, int warp_limit) {
+    (void)warp_limit;
+    constexpr int kSteps = 1;
+    const uint32_t v_lane = kWgmma ? 0u : this->v_lane_addr(st);
+    const uint64_t desc0 = kWgmma ? VLayout::desc(smem_u32(st + Tr::kOffV)) : 0u;
+#pragma unroll
+    for (int kg = 0; kg < kBlockN / (16 * kSteps); ++kg) {
+      if (!kWgmma && kMask && kg * 16 >= warp_limit) break;
+      uint32_t pa[kSteps][kMT][4], pl[kSteps][kMT][4];
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int nb = 2 * (kg * kSteps + s) + hf;
+          // (no skipping of key blocks past warp_limit: the per-key mask gives them P = 0, and a
+          // branch here would put register moves of wgmma operands on a path that ptxas does
+          // not see as uniform, which serializes every wgmma, C7520)
+          uint32_t pw[kMT][2], plo[kMT][2];
+          table_p_nb<kMask>(pw, plo, st, nb, key0);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            pa[s][mt][2 * hf] = pw[mt][0];
+            pa[s][mt][2 * hf + 1] = pw[mt][1];
+            pl[s][mt][2 * hf] = plo[mt][0];
+            pl[s][mt][2 * hf + 1] = plo[mt][1];
+          }
+        }
+      if constexpr (kWgmma) {
+        pv_wgmma_group<kSteps, true>(pa, desc0, kg * kSteps, &pl);
+      } else {
+        this->pv_f16_step(pa[0], v_lane + kg * 16 * Tr::kVPitch);
+        constexpr uint32_t kOnes = kBF ? 0x3F803F80u : 0x3C003C00u;
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (kBF) {
+            mma_bf16_16816(lsum[mt][0], pa[0][mt], kOnes, kOnes);
+            mma_bf16_16816(lsum[mt][0], pl[0][mt], kOnes, kOnes);
+          } else {
+            mma_f16_16816(lsum[mt][0], pa[0][mt], kOnes, kOnes);
+            mma_f16_16816(lsum[mt][0], pl[0][mt], kOnes, kOnes);
+          }
+        }
+      }
+    }
+  }
+
   // ============================================================================== sm_90a P.V
   // Fixed maximum, wgmma P.V: groups of kGroupSteps k16 steps; each group computes its P
   // fragments (scores -> ex2 -> pack, exactly as fixed_tile), then fence, one wgmma per step,
@@ -703,20 +857,28 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
   // Issues one commit group of P.V: wgmma for the k16 steps step0 .. step0 + kSteps - 1 of the
   // tile, then waits until only this group may still be in flight.
-  template <int kSteps>
+  // kRowSums (the P table): also the row sums of pa and of the remainders *pl (ones products).
+  template <int kSteps, bool kRowSums = false>
   __device__ __forceinline__ void pv_wgmma_group(uint32_t (&pa)[kSteps][kMT][4], uint64_t desc0,
-                                                 int step0) {
+                                                 int step0, uint32_t (*pl)[kSteps][kMT][4] = nullptr) {
     // PTX: a wgmma.fence between the register writes (P, a rescaled accumulator) and the wgmma
     // that reads them; reg_fence keeps the compiler from sinking those writes past the fence.
 #pragma unroll
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) reg_fence_u32(pa[s][0][q]);
+      for (int q = 0; q < 4; ++q) {
+        reg_fence_u32(pa[s][0][q]);
+        if constexpr (kRowSums) reg_fence_u32((*pl)[s][0][q]);
+      }
     fence_accumulator();
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       wgmma_m64nNk16_rs<Tr::kDvPad, kBF>(o[0], pa[s][0], desc0 + uint64_t(step0 + s) * VLayout::kStepDesc);
+      if constexpr (kRowSums) {
+        wgmma_m64nNk16_rs<8, kBF>(lsum[0], pa[s][0], ones_desc);
+        wgmma_m64nNk16_rs<8, kBF>(lsum[0], (*pl)[s][0], ones_desc);
+      }
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -734,6 +896,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
 #pragma unroll
       for (int e = 0; e < 4; ++e) reg_fence(o[0][nd][e]);
+    if constexpr (Tr::kPTable) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(lsum[0][0][e]);
+    }
   }
 
   // ============================================================================== online max
