@@ -144,7 +144,7 @@ struct FwdTraits {
   static constexpr bool kPTable = kBounded && kQK == QK::kDup128 && !kBoundedRelPos;
   static constexpr int kPTableOnesBytes = 512;
   static constexpr int kOffPTable = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
-  static constexpr int kPTableBytes = kPTable ? kPTableOnesBytes + 256 : 0;
+  static constexpr int kPTableBytes = kPTable ? kPTableOnesBytes + round_up_c((64 + 2) * 4, 16) : 0;
   // Bytes before the (optional, runtime-sized) rel-pos table.
   static constexpr int kSmemFixed = kOffPTable + kPTableBytes;
   // Extra dynamic shared memory the launcher requests so that the kernel can align its base to

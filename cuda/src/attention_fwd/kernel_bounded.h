@@ -717,19 +717,19 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // and both halves go through the ones product (the high halves of two entries are one PRMT).
   __device__ __forceinline__ void write_p_table(int tid, float c) {
     constexpr uint32_t kOne = kBF ? 0x3F80u : 0x3C00u;
-    uint32_t* ones = reinterpret_cast<uint32_t*>(smem + Tr::kOffPTable);
-    for (int idx = tid; idx < Tr::kPTableOnesBytes / 4; idx += kThreads) ones[idx] = kOne | (kOne << 16);
-    uint32_t* table = reinterpret_cast<uint32_t*>(smem + Tr::kOffPTable + Tr::kPTableOnesBytes);
+    const uint32_t ones_addr = smem_u32(smem + Tr::kOffPTable);
+    for (int idx = tid; idx < Tr::kPTableOnesBytes / 4; idx += kThreads) {
+      st_shared_u32(ones_addr + 4u * uint32_t(idx), kOne | (kOne << 16));
+    }
+    tab_p = ones_addr + Tr::kPTableOnesBytes;
     for (int x = tid; x <= a.d + 1; x += kThreads) {
       const float p = x <= a.d ? exp2f(kTop - 2.0f * c * float(x)) : 0.0f;
       const uint32_t hi = pack_pair<kBF>(p, 0.0f) & 0xFFFFu;
       const float hi_f = kBF ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half(uint16_t(hi)));
-      table[x] = hi | (pack_pair<kBF>(p - hi_f, 0.0f) << 16);
+      st_shared_u32(tab_p + 4u * uint32_t(x), hi | (pack_pair<kBF>(p - hi_f, 0.0f) << 16));
     }
-    tab_p = smem_u32(table);
     tab_kflip = t < 2 ? ~0u : 0u;
     // No swizzle, 16-byte rows 128 bytes apart in both directions: every element a 1.
-    const uint32_t ones_addr = smem_u32(ones);
     ones_desc = uint64_t((ones_addr >> 4) & 0x3FFFu) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
   }
 
