@@ -733,71 +733,72 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     ones_desc = uint64_t((ones_addr >> 4) & 0x3FFFu) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
   }
 
-  // The P words of the n8 key block nb (columns 2t, 2t + 1): pw[mt][0] row lo, [1] row hi; plo
-  // the same for the rounding remainders.
-  template <bool kMask>
-  __device__ __forceinline__ void table_p_nb(uint32_t (&pw)[kMT][2], uint32_t (&plo)[kMT][2],
-                                             const unsigned char* st, int nb, int key0) const {
-    const uint32_t* krow = reinterpret_cast<const uint32_t*>(st + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
-    const uint32_t kb = krow[t & 1] ^ tab_kflip;
-    const uint32_t masked_at = tab_p + 4u * uint32_t(a.d + 1);
+  // x = p(q XOR k) of the two n8 key blocks of k16 step kk (the m16n8 C layout per m-tile).
+  __device__ __forceinline__ void table_x(int (&x)[2][kMT][4], const unsigned char* st, int kk) const {
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      int x[4];
-      mma_and_popc_k128_c(x, tab_q[mt][0], tab_q[mt][1], kb, 0, 0);
-      uint32_t ent[4];
+    for (int hf = 0; hf < 2; ++hf) {
+      const int nb = 2 * kk + hf;
+      const uint32_t* krow = reinterpret_cast<const uint32_t*>(st + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
+      const uint32_t kb = krow[t & 1] ^ tab_kflip;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        uint32_t at = tab_p + 4u * uint32_t(x[e]);
-        if (kMask) {
-          const int j = key0 + nb * 8 + 2 * t + (e & 1);
-          const bool ok = j < a.Nk && (!a.causal || j <= row_of(2 * mt + e / 2));
-          at = ok ? at : masked_at;
-        }
-        ent[e] = __float_as_uint(lds_f32(at));
-      }
-      pw[mt][0] = prmt(ent[0], ent[1], 0x5410u);
-      pw[mt][1] = prmt(ent[2], ent[3], 0x5410u);
-      plo[mt][0] = prmt(ent[0], ent[1], 0x7632u);
-      plo[mt][1] = prmt(ent[2], ent[3], 0x7632u);
+      for (int mt = 0; mt < kMT; ++mt) mma_and_popc_k128_c(x[hf][mt], tab_q[mt][0], tab_q[mt][1], kb, 0, 0);
     }
   }
 
-  // fixed_tile with P from the table: k16 steps, each its own wgmma commit group on sm_90a (the
-  // P words and their remainders are twice fixed_tile_wgmma's registers per step; two-step groups
-  // spilled at 128 registers), P.V and the two row-sum products per step.
+  // The A fragments of step kk from its x: pa the 16-bit P, pl the remainders (masked keys read
+  // the zero entry T[d + 1]).
+  template <bool kMask>
+  __device__ __forceinline__ void table_lookup(uint32_t (&pa)[kMT][4], uint32_t (&pl)[kMT][4],
+                                               const int (&x)[2][kMT][4], int kk, int key0) const {
+    const uint32_t masked_at = tab_p + 4u * uint32_t(a.d + 1);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        uint32_t ent[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          uint32_t at = tab_p + 4u * uint32_t(x[hf][mt][e]);
+          if (kMask) {
+            const int j = key0 + (2 * kk + hf) * 8 + 2 * t + (e & 1);
+            const bool ok = j < a.Nk && (!a.causal || j <= row_of(2 * mt + e / 2));
+            at = ok ? at : masked_at;
+          }
+          ent[e] = lds_u32_invariant(at);
+        }
+        pa[mt][2 * hf] = prmt(ent[0], ent[1], 0x5410u);  // row lo, columns 2t, 2t + 1
+        pa[mt][2 * hf + 1] = prmt(ent[2], ent[3], 0x5410u);  // row hi
+        pl[mt][2 * hf] = prmt(ent[0], ent[1], 0x7632u);
+        pl[mt][2 * hf + 1] = prmt(ent[2], ent[3], 0x7632u);
+      }
+  }
+
+  // fixed_tile with P from the table, one k16 step at a time (sm_90a: each step its own wgmma
+  // commit group; the P words and their remainders are twice fixed_tile_wgmma's registers per
+  // step, and two-step groups spilled at 128 registers): P.V and the two row-sum products. The
+  // b1 products run one step ahead of the lookups (software pipelining: the profile of the
+  // unpipelined version, NOTES v11, stalled on the chain K word -> mma -> LDS -> PRMT -> wgmma).
+  // (No skipping of key blocks past warp_limit on sm_90a: the per-key mask gives them P = 0, and
+  // a branch would put register moves of wgmma operands on a path that ptxas does not see as
+  // uniform, which serializes every wgmma, C7520.)
   template <bool kMask>
   __device__ __forceinline__ void table_tile(const unsigned char* st, int key0, int warp_limit) {
     (void)warp_limit;
-    constexpr int kSteps = 1;
+    constexpr int kSteps = kBlockN / 16;
     const uint32_t v_lane = kWgmma ? 0u : this->v_lane_addr(st);
     const uint64_t desc0 = kWgmma ? VLayout::desc(smem_u32(st + Tr::kOffV)) : 0u;
+    int x[2][2][kMT][4];  // ping-pong: step kk in x[kk % 2]
+    table_x(x[0], st, 0);
 #pragma unroll
-    for (int kg = 0; kg < kBlockN / (16 * kSteps); ++kg) {
-      if (!kWgmma && kMask && kg * 16 >= warp_limit) break;
-      uint32_t pa[kSteps][kMT][4], pl[kSteps][kMT][4];
-#pragma unroll
-      for (int s = 0; s < kSteps; ++s)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int nb = 2 * (kg * kSteps + s) + hf;
-          // (no skipping of key blocks past warp_limit: the per-key mask gives them P = 0, and a
-          // branch here would put register moves of wgmma operands on a path that ptxas does
-          // not see as uniform, which serializes every wgmma, C7520)
-          uint32_t pw[kMT][2], plo[kMT][2];
-          table_p_nb<kMask>(pw, plo, st, nb, key0);
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            pa[s][mt][2 * hf] = pw[mt][0];
-            pa[s][mt][2 * hf + 1] = pw[mt][1];
-            pl[s][mt][2 * hf] = plo[mt][0];
-            pl[s][mt][2 * hf + 1] = plo[mt][1];
-          }
-        }
+    for (int kk = 0; kk < kSteps; ++kk) {
+      if (!kWgmma && kMask && kk * 16 >= warp_limit) break;
+      if (kk + 1 < kSteps) table_x(x[(kk + 1) % 2], st, kk + 1);
+      uint32_t pa[1][kMT][4], pl[1][kMT][4];
+      table_lookup<kMask>(pa[0], pl[0], x[kk % 2], kk, key0);
       if constexpr (kWgmma) {
-        pv_wgmma_group<kSteps, true>(pa, desc0, kg * kSteps, &pl);
+        pv_wgmma_group<1, true>(pa, desc0, kk, &pl);
       } else {
-        this->pv_f16_step(pa[0], v_lane + kg * 16 * Tr::kVPitch);
+        this->pv_f16_step(pa[0], v_lane + kk * 16 * Tr::kVPitch);
         constexpr uint32_t kOnes = kBF ? 0x3F803F80u : 0x3C003C00u;
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {

@@ -312,9 +312,12 @@ __device__ __forceinline__ float lds_f32(uint32_t addr) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
-  uint16_t v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+// A load from shared memory that never changes after the block's first barrier (the P table):
+// not volatile and without a memory clobber, so that the compiler may schedule it freely across
+// the wgmma fences (asm volatile statements keep their order among themselves).
+__device__ __forceinline__ uint32_t lds_u32_invariant(uint32_t addr) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
 

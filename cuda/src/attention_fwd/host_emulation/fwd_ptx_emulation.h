@@ -334,11 +334,11 @@ inline float lds_f32(uint32_t addr) {
   return v;
 }
 
-inline uint32_t lds_u16(uint32_t addr) {
-  if ((addr & 1u) != 0) std::abort();  // misaligned
-  uint16_t v;
-  smem_ptr(addr + 1);
-  std::memcpy(&v, smem_ptr(addr), 2);
+inline uint32_t lds_u32_invariant(uint32_t addr) {
+  if ((addr & 3u) != 0) std::abort();  // misaligned
+  smem_ptr(addr + 3);
+  uint32_t v;
+  std::memcpy(&v, smem_ptr(addr), 4);
   return v;
 }
 
