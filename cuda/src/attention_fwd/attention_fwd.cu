@@ -2,8 +2,6 @@
 // dispatch to the per-configuration kernels (cuda/src/instantiations/attention_fwd_*.cu).
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "binformer/cuda_kernels.h"
 #include "fwd_api.h"
@@ -242,10 +240,6 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     args.k_scale_head_stride[1] = p.k_scale_stride[1];
   }
   args.scale = p.scale;
-  // BINFORMER_FWD_PTABLE=0 in the environment (read at every call: A/B in one process) computes
-  // every P with ex2 instead.
-  const char* ptable_env = std::getenv("BINFORMER_FWD_PTABLE");
-  args.p_table = fwd::fwd_p_table_eligible(args) && (ptable_env == nullptr || std::strcmp(ptable_env, "0") != 0);
 
   args.bias = p.bias;
   args.bias_dtype = p.bias_dtype;

@@ -73,16 +73,6 @@ struct FwdArgs {
 
   bool causal;
   const float* v_dequant;  // [B,H,Dv] (pv_int8)
-
-  // The bounded kernels at d <= 64 without rel-pos may read P from a table of its d + 1 values
-  // (kernel_bounded.h, "P table"): needs one row factor per (b, h), see fwd_p_table_eligible.
-  bool p_table;
 };
-
-// The P table holds 2^(kTop - 2 c x) for one c per block: no per-token query factor.
-// (A per-token k factor never reaches the bounded kernels.)
-inline bool fwd_p_table_eligible(const FwdArgs& a) {
-  return a.q_scale == nullptr || a.q_scale_stride[2] == 0;
-}
 
 }  // namespace binformer::cuda::fwd

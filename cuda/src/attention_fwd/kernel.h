@@ -139,14 +139,8 @@ struct FwdTraits {
   static constexpr int kQStageBytes = kBlockM * 8 * 4;
   static constexpr bool kQAliasesStage = kQStageBytes <= kStageBytes;
   static constexpr int kOffQ = kQAliasesStage ? (kStages - 1) * kStageBytes : kStages * kStageBytes;
-  // The P table of the bounded kernels at d <= 64 without rel-pos (kernel_bounded.h): a 16-bit
-  // ones matrix for the row-sum wgmma (kPTableOnesBytes), then the d + 2 table entries.
-  static constexpr bool kPTable = kBounded && kQK == QK::kDup128 && !kBoundedRelPos;
-  static constexpr int kPTableOnesBytes = 512;
-  static constexpr int kOffPTable = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
-  static constexpr int kPTableBytes = kPTable ? kPTableOnesBytes + round_up_c((64 + 2) * 4, 16) : 0;
   // Bytes before the (optional, runtime-sized) rel-pos table.
-  static constexpr int kSmemFixed = kOffPTable + kPTableBytes;
+  static constexpr int kSmemFixed = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
   // Extra dynamic shared memory the launcher requests so that the kernel can align its base to
   // kSmemAlign (the runtime guarantees less than 1024).
   static constexpr int kSmemAlignSlack = kWgmma ? kSmemAlign : 0;

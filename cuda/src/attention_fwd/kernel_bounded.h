@@ -106,15 +106,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   float lse_shift[kRows];  // c_i d + rmax_h log2(e) - kTop: z units -> log2 units
   float row_add[kRows];    // FFMA addend without rel-pos: kTop (- 2 c_i p(q_i) for kDup128)
   bool fixed;              // warp-uniform: the row maxima are fixed at 0 (P = 2^z)
-  // P table (Tr::kPTable and a.p_table; block-uniform, see "P table" below): the A words of
-  // x = p(q XOR k) for rows lo / hi of each m-tile, the flip that turns this lane's K word into
-  // its B word, the shared address of T[0], the ones-matrix descriptor (wgmma), and the row sums
-  // of the table's P (m16n8 C layout: element 0 row lo, 2 row hi).
-  bool ptable;
-  uint32_t tab_q[Tr::kPTable ? kMT : 1][2];
-  uint32_t tab_kflip, tab_p;
-  uint64_t ones_desc;
-  float lsum[Tr::kPTable ? kMT : 1][1][4];
   bool range_ok;           // the rel-pos range is finite (else z <= kTop is not guaranteed)
   // Rel-pos: shared-memory byte address of the table entry for (row, key with off_j = 0), the
   // byte step per unit of off_j (-4; 0 on the cls row), and the row's cls-column entry.
@@ -164,12 +155,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.0f;
-    if constexpr (Tr::kPTable) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) lsum[mt][0][e] = 0.0f;
-    }
 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait<Tr::kStages - 2>();
@@ -182,7 +167,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
       const int key0 = n_tile * kBlockN;
 #if defined(BINFORMER_FWD_HOST_EMULATION)
-      fwd_emulation::count_tile(fixed, ptable);  // coverage of the fixed / online / table paths
+      fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
 #endif
       if (n_tile >= first_masked) {
         // n8 blocks at or past warp_limit are masked for every row of the warp (wgmma: of the
@@ -204,17 +189,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
       // The next iteration's barrier releases this stage to the copies: its wgmma must be done.
       if constexpr (kWgmma) pv_drain();
-    }
-    // The table's row sums (zero unless it ran) are whole rows in every lane of the quad, whose
-    // partial l_run the epilogue adds up: one lane contributes them. (Weighted, not branched:
-    // reading a wgmma accumulator on a divergent path serializes every wgmma, ptxas C7520.)
-    if constexpr (Tr::kPTable) {
-      const float w = t == 0 ? 1.0f : 0.0f;
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        l_run[2 * mt] = fmaf(w, lsum[mt][0][0], l_run[2 * mt]);
-        l_run[2 * mt + 1] = fmaf(w, lsum[mt][0][2], l_run[2 * mt + 1]);
-      }
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] += lse_shift[r];  // the epilogue's lse in log2 units
@@ -456,15 +430,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       rel_zadd = add;
       for (int idx = tid; idx < rel_len + 3; idx += kThreads) tab[idx] = fmaf(tab[idx], kLog2e, add);
     }
-    const float k_head = a.k_scale_head != nullptr
-                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
-                                     int64_t(h) * a.k_scale_head_stride[1])
-                             : 1.0f;
-    ptable = false;
-    if constexpr (Tr::kPTable) {
-      ptable = a.p_table;
-      if (ptable) write_p_table(tid, fabsf(a.scale * this->query_factor(m0) * k_head) * kLog2e);
-    }
     __syncthreads();
 
     const uint32_t* sq = reinterpret_cast<const uint32_t*>(smem + Tr::kOffQ);
@@ -487,12 +452,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       // the mma's C and, without rel-pos, its -2 p(q_i) in row_add.
       rowc[2 * mt] = (kDup ? 0 : 0x4BC00000) - pop_lo;
       rowc[2 * mt + 1] = (kDup ? 0 : 0x4BC00000) - pop_hi;
-      if constexpr (Tr::kPTable) {  // A = (q0, q1, ~q0, ~q1) across the quad
-        const uint32_t flip = t < 2 ? 0u : ~0u;
-        tab_q[mt][0] = sq[lo * 8 + (t & 1)] ^ flip;
-        tab_q[mt][1] = sq[hi * 8 + (t & 1)] ^ flip;
-      }
     }
+
+    const float k_head = a.k_scale_head != nullptr
+                             ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
+                                     int64_t(h) * a.k_scale_head_stride[1])
+                             : 1.0f;
     const float* tab = reinterpret_cast<const float*>(smem + Tr::kSmemFixed);
     const uint32_t tab_addr = smem_u32(tab);
     bool start_fixed = true;
@@ -642,12 +607,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // P = 2^z, streamed one k16 key step at a time.
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile(const unsigned char* st, int key0, int warp_limit) {
-    if constexpr (Tr::kPTable) {
-      if (ptable) {
-        table_tile<kMask>(st, key0, warp_limit);
-        return;
-      }
-    }
     if constexpr (kWgmma) {
       fixed_tile_wgmma<kMask>(st, key0, warp_limit);
       return;
@@ -700,120 +659,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     }
   }
 
-  // ============================================================================== P table
-  // With one row factor for the whole block (no per-token a_i), no rel-pos and d <= 64, the fixed
-  // path's exponent is z = kTop - 2 c x with x = p(q_i XOR k_j) in 0..d: P = 2^z takes only d + 1
-  // values. The block writes them once to T[0..d] (T[d + 1] = 0 for masked keys), and every score
-  // element becomes a table lookup: LEA + LDS + one PRMT instead of FADD + FFMA + MUFU.EX2 + FADD
-  // + half an F2FP (SPEC.md section 3: beating the exp floor needs the exp work off the MUFU).
-  // x comes from the same m16n8k128 AND.popc, with A = (q0, q1, ~q0, ~q1) and B = (~k0, ~k1, k0,
-  // k1) across the quad: p(q & ~k) + p(~q & k) = p(q XOR k) (past d the bits of q and k are
-  // zero, so both products are zero there).
-  // The row sums move to the tensor cores: P times a ones matrix, an n8 product per k16 step
-  // (wgmma m64n8k16 on sm_90a, mma.sync m16n8k16 otherwise). Every score of a row with the same x
-  // has the same P, so summing the 16-bit P that P.V uses would carry the rounding of a few
-  // entries into lse unaveraged (up to 2^-12 relative, 30x the fp32 pipeline's): each entry is
-  // 32 bits, the 16-bit P in the low half and the 16-bit rounding of (P - that) in the high half,
-  // and both halves go through the ones product (the high halves of two entries are one PRMT).
-  __device__ __forceinline__ void write_p_table(int tid, float c) {
-    constexpr uint32_t kOne = kBF ? 0x3F80u : 0x3C00u;
-    const uint32_t ones_addr = smem_u32(smem + Tr::kOffPTable);
-    for (int idx = tid; idx < Tr::kPTableOnesBytes / 4; idx += kThreads) {
-      st_shared_u32(ones_addr + 4u * uint32_t(idx), kOne | (kOne << 16));
-    }
-    tab_p = ones_addr + Tr::kPTableOnesBytes;
-    for (int x = tid; x <= a.d + 1; x += kThreads) {
-      const float p = x <= a.d ? exp2f(kTop - 2.0f * c * float(x)) : 0.0f;
-      const uint32_t hi = pack_pair<kBF>(p, 0.0f) & 0xFFFFu;
-      const float hi_f = kBF ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half(uint16_t(hi)));
-      st_shared_u32(tab_p + 4u * uint32_t(x), hi | (pack_pair<kBF>(p - hi_f, 0.0f) << 16));
-    }
-    tab_kflip = t < 2 ? ~0u : 0u;
-    // No swizzle, 16-byte rows 128 bytes apart in both directions: every element a 1.
-    ones_desc = uint64_t((ones_addr >> 4) & 0x3FFFu) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
-  }
-
-  // x = p(q XOR k) of the two n8 key blocks of k16 step kk (the m16n8 C layout per m-tile).
-  __device__ __forceinline__ void table_x(int (&x)[2][kMT][4], const unsigned char* st, int kk) const {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int nb = 2 * kk + hf;
-      const uint32_t* krow = reinterpret_cast<const uint32_t*>(st + Tr::kOffKBits) + (nb * 8 + g) * kKPitch;
-      const uint32_t kb = krow[t & 1] ^ tab_kflip;
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) mma_and_popc_k128_c(x[hf][mt], tab_q[mt][0], tab_q[mt][1], kb, 0, 0);
-    }
-  }
-
-  // The A fragments of step kk from its x: pa the 16-bit P, pl the remainders (masked keys read
-  // the zero entry T[d + 1]).
-  template <bool kMask>
-  __device__ __forceinline__ void table_lookup(uint32_t (&pa)[kMT][4], uint32_t (&pl)[kMT][4],
-                                               const int (&x)[2][kMT][4], int kk, int key0) const {
-    const uint32_t masked_at = tab_p + 4u * uint32_t(a.d + 1);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        uint32_t ent[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          uint32_t at = tab_p + 4u * uint32_t(x[hf][mt][e]);
-          if (kMask) {
-            const int j = key0 + (2 * kk + hf) * 8 + 2 * t + (e & 1);
-            const bool ok = j < a.Nk && (!a.causal || j <= row_of(2 * mt + e / 2));
-            at = ok ? at : masked_at;
-          }
-          ent[e] = lds_u32_invariant(at);
-        }
-        pa[mt][2 * hf] = prmt(ent[0], ent[1], 0x5410u);  // row lo, columns 2t, 2t + 1
-        pa[mt][2 * hf + 1] = prmt(ent[2], ent[3], 0x5410u);  // row hi
-        pl[mt][2 * hf] = prmt(ent[0], ent[1], 0x7632u);
-        pl[mt][2 * hf + 1] = prmt(ent[2], ent[3], 0x7632u);
-      }
-  }
-
-  // fixed_tile with P from the table, one k16 step at a time (sm_90a: each step its own wgmma
-  // commit group; the P words and their remainders are twice fixed_tile_wgmma's registers per
-  // step, and two-step groups spilled at 128 registers): P.V and the two row-sum products. The
-  // b1 products run one step ahead of the lookups (software pipelining: the profile of the
-  // unpipelined version, NOTES v11, stalled on the chain K word -> mma -> LDS -> PRMT -> wgmma).
-  // (No skipping of key blocks past warp_limit on sm_90a: the per-key mask gives them P = 0, and
-  // a branch would put register moves of wgmma operands on a path that ptxas does not see as
-  // uniform, which serializes every wgmma, C7520.)
-  template <bool kMask>
-  __device__ __forceinline__ void table_tile(const unsigned char* st, int key0, int warp_limit) {
-    (void)warp_limit;
-    constexpr int kSteps = kBlockN / 16;
-    const uint32_t v_lane = kWgmma ? 0u : this->v_lane_addr(st);
-    const uint64_t desc0 = kWgmma ? VLayout::desc(smem_u32(st + Tr::kOffV)) : 0u;
-    int x[2][2][kMT][4];  // ping-pong: step kk in x[kk % 2]
-    table_x(x[0], st, 0);
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      if (!kWgmma && kMask && kk * 16 >= warp_limit) break;
-      if (kk + 1 < kSteps) table_x(x[(kk + 1) % 2], st, kk + 1);
-      uint32_t pa[1][kMT][4], pl[1][kMT][4];
-      table_lookup<kMask>(pa[0], pl[0], x[kk % 2], kk, key0);
-      if constexpr (kWgmma) {
-        pv_wgmma_group<1, true>(pa, desc0, kk, &pl);
-      } else {
-        this->pv_f16_step(pa[0], v_lane + kk * 16 * Tr::kVPitch);
-        constexpr uint32_t kOnes = kBF ? 0x3F803F80u : 0x3C003C00u;
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          if constexpr (kBF) {
-            mma_bf16_16816(lsum[mt][0], pa[0][mt], kOnes, kOnes);
-            mma_bf16_16816(lsum[mt][0], pl[0][mt], kOnes, kOnes);
-          } else {
-            mma_f16_16816(lsum[mt][0], pa[0][mt], kOnes, kOnes);
-            mma_f16_16816(lsum[mt][0], pl[0][mt], kOnes, kOnes);
-          }
-        }
-      }
-    }
-  }
-
   // ============================================================================== sm_90a P.V
   // Fixed maximum, wgmma P.V: groups of kGroupSteps k16 steps; each group computes its P
   // fragments (scores -> ex2 -> pack, exactly as fixed_tile), then fence, one wgmma per step,
@@ -858,28 +703,20 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
   // Issues one commit group of P.V: wgmma for the k16 steps step0 .. step0 + kSteps - 1 of the
   // tile, then waits until only this group may still be in flight.
-  // kRowSums (the P table): also the row sums of pa and of the remainders *pl (ones products).
-  template <int kSteps, bool kRowSums = false>
+  template <int kSteps>
   __device__ __forceinline__ void pv_wgmma_group(uint32_t (&pa)[kSteps][kMT][4], uint64_t desc0,
-                                                 int step0, uint32_t (*pl)[kSteps][kMT][4] = nullptr) {
+                                                 int step0) {
     // PTX: a wgmma.fence between the register writes (P, a rescaled accumulator) and the wgmma
     // that reads them; reg_fence keeps the compiler from sinking those writes past the fence.
 #pragma unroll
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        reg_fence_u32(pa[s][0][q]);
-        if constexpr (kRowSums) reg_fence_u32((*pl)[s][0][q]);
-      }
+      for (int q = 0; q < 4; ++q) reg_fence_u32(pa[s][0][q]);
     fence_accumulator();
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       wgmma_m64nNk16_rs<Tr::kDvPad, kBF>(o[0], pa[s][0], desc0 + uint64_t(step0 + s) * VLayout::kStepDesc);
-      if constexpr (kRowSums) {
-        wgmma_m64nNk16_rs<8, kBF>(lsum[0], pa[s][0], ones_desc);
-        wgmma_m64nNk16_rs<8, kBF>(lsum[0], (*pl)[s][0], ones_desc);
-      }
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -897,10 +734,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
 #pragma unroll
       for (int e = 0; e < 4; ++e) reg_fence(o[0][nd][e]);
-    if constexpr (Tr::kPTable) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) reg_fence(lsum[0][0][e]);
-    }
   }
 
   // ============================================================================== online max

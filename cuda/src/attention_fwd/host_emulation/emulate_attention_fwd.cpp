@@ -51,7 +51,6 @@ struct Case {
   // the buffer (the epilogue's staged / vector / scalar stores, chosen from the alignment as
   // attention_fwd.cu does), V starting v_offset elements in (odd: the synchronous V copies).
   int out_pad = 0, out_offset = 0, v_offset = 0;
-  bool p_table = true;  // the bounded kernels' P table where eligible (else ex2 throughout)
   uint32_t seed = 1;
 };
 
@@ -331,7 +330,6 @@ bool run_case(const Case& c) {
     args.relpos_stream = c.relpos_stream;  // (launch() sizes the window / slices per shape)
   }
   args.causal = c.causal;
-  args.p_table = c.p_table && fwd_p_table_eligible(args);  // (as attention_fwd.cu)
   if (c.bf16) {
     c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel) : dispatch_dv<PvKind::kBF16, false>(args, c.kernel);
   } else {
@@ -380,10 +378,9 @@ bool run_case(const Case& c) {
     if (bad++ == 0) first = std::to_string(touched) + " elements written outside the output rows";
   }
   const long long nf = fwd_emulation::tiles_fixed.exchange(0), no = fwd_emulation::tiles_online.exchange(0);
-  const long long nt = fwd_emulation::tiles_table.exchange(0);
-  std::printf("%s %-28s worst err/tol %.3g, fixed-max tiles %.0f%% (P table %.0f%%)%s%s\n", bad ? "FAIL" : "PASS",
+  std::printf("%s %-28s worst err/tol %.3g, fixed-max tiles %.0f%%%s%s\n", bad ? "FAIL" : "PASS",
               c.name.c_str(), worst, 100.0 * double(nf) / double(std::max(1LL, nf + no)),
-              100.0 * double(nt) / double(std::max(1LL, nf + no)), bad ? "; first: " : "", first.c_str());
+              bad ? "; first: " : "", first.c_str());
   return bad == 0;
 }
 
@@ -510,17 +507,6 @@ int main(int argc, char** argv) {
     c.name = "layout_dv40_masked"; c.dv = 40; c.d = 64; c.out_pad = 0; add(c);
     c.name = "layout_dv40_masked_online"; c.kernel = Kernel::kOnline; c.out_pad = 8; add(c);
     c.name = "layout_online_pad8"; c.dv = 64; c.per_token_k = true; add(c);
-  }
-  {  // the ex2 fixed path where the P table would run (BINFORMER_FWD_PTABLE=0): every kernel shape
-    std::vector<Case> nt;
-    for (const Case& c : cases) {
-      if (c.name.find("switch_f16") == std::string::npos && c.name.find("top_bf16") == std::string::npos) continue;
-      Case w = c;
-      w.p_table = false;
-      w.name = "ex2_" + c.name;
-      nt.push_back(w);
-    }
-    for (Case& w : nt) add(w);
   }
   bool all = true;
   for (const Case& c : cases) {
