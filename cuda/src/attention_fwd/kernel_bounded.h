@@ -45,6 +45,7 @@
 #pragma once
 #include "kernel.h"
 #include "pv_wgmma.h"
+#include "qk_wgmma.h"
 
 // sm_90a: 16-key steps per wgmma commit group (1 or 2; the online path uses its 32-key chunks).
 #ifndef BINFORMER_FWD_WGMMA_GROUP_STEPS
@@ -89,6 +90,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr int kKPitch = Tr::kKPitchWords;
   static constexpr bool kWgmma = Tr::kWgmma;
   static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
+  // sm_90a, d <= 128: QK^T of the fixed-maximum tiles on the b1 wgmma (qk_wgmma.h) when
+  // a.qk_wgmma; else (and in the online tiles) on mma.sync.
+  static constexpr bool kQkWgmma = kWgmma && (kDup || kQK == QK::kK128);
   static_assert(kGroupSteps == 1 || kGroupSteps == 2, "wgmma group: 1 or 2 k16 steps");
   static_assert(!kWgmma || kMT == 1, "wgmma: one m-tile per warp (rows 16 w of the warpgroup)");
   // The wide shape is two warpgroups, the narrow one (BoundedShape::kNarrow) one: each owns 64 rows.
@@ -554,6 +558,26 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) mma_and_popc_k128(pc[mt], qa[mt][0], qa[mt][1], kb0);
     }
+    int bits[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 2 * mt + e / 2;
+        if constexpr (kDup) {
+          bits[mt][e] = kRelPos ? pc[mt][e] + rowc[r] : pc[mt][e];
+        } else {
+          bits[mt][e] = pc[mt][e] * 2 + rowc[r];
+        }
+      }
+    scores_from_bits<kMask>(z, st, nb, key0, bits);
+  }
+
+  // z of the n8 key block nb from the float bits of 1.5 * 2^24 + <q_i, k_j> - d + 2 p(k_j) (+ 2 p(q_i)
+  // for kDup128 without rel-pos; see the header) in the m16n8 C layout.
+  template <bool kMask>
+  __device__ __forceinline__ void scores_from_bits(float (&z)[kMT][4], const unsigned char* st, int nb,
+                                                   int key0, const int (&bits)[kMT][4]) const {
     const float2 cc = *reinterpret_cast<const float2*>(
         reinterpret_cast<const float*>(st + Tr::kOffColc) + nb * 8 + 2 * t);
     int2 off = make_int2(0, 0);
@@ -568,14 +592,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = 2 * mt + e / 2;
-        int bits;
-        if constexpr (kDup) {
-          bits = kRelPos ? pc[mt][e] + rowc[r] : pc[mt][e];
-        } else {
-          bits = pc[mt][e] * 2 + rowc[r];
-        }
         // <q_i, k_j> - d (kDup128 without rel-pos: + 2 p(q_i), which row_add takes back)
-        const float y = __int_as_float(bits) + ((e & 1) ? cc.y : cc.x);
+        const float y = __int_as_float(bits[mt][e]) + ((e & 1) ? cc.y : cc.x);
         float add = row_add[r];
         if constexpr (kRelPos) {
           uint32_t at = rel_tile[r] + uint32_t(rel_mult[r] * ((e & 1) ? off.y : off.x));
@@ -670,8 +688,21 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile_wgmma(const unsigned char* st, int key0, int warp_limit) {
     const uint64_t desc0 = VLayout::desc(smem_u32(st + Tr::kOffV));
+    // kQkWgmma: the tile's integer scores p(q & k), both halves issued up front (qk_wgmma.h).
+    constexpr int kHalfNB = kBlockN / 16;                           // n8 blocks per half tile
+    constexpr int kHalfGroups = kBlockN / 2 / (16 * kGroupSteps);  // P.V groups per half tile
+    static_assert(!kQkWgmma || kHalfGroups >= 1, "the first half's P.V waits retire the second half");
+    int sc[kQkWgmma ? 2 * kHalfNB : 1][4];
+    const bool qk_async = kQkWgmma && a.qk_wgmma;
+    if constexpr (kQkWgmma) {
+      if (qk_async) qk_issue(st, sc);
+    }
 #pragma unroll
     for (int kg = 0; kg < kBlockN / (16 * kGroupSteps); ++kg) {
+      if constexpr (kQkWgmma) {
+        // every P.V group so far waited with at most one group (its own) in flight
+        if (qk_async && kg == kHalfGroups) fence_scores<kHalfNB>(sc);
+      }
       uint32_t pa[kGroupSteps][kMT][4];
 #pragma unroll
       for (int s = 0; s < kGroupSteps; ++s) {
@@ -686,7 +717,14 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
             continue;
           }
           float z[kMT][4];
-          scores_nb<kMask>(z, st, nb, key0);
+          if (qk_async) {
+            int bits[kMT][4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) bits[0][e] = 2 * sc[kQkWgmma ? nb : 0][e] + qk_row_bits(e / 2);
+            scores_from_bits<kMask>(z, st, nb, key0, bits);
+          } else {
+            scores_nb<kMask>(z, st, nb, key0);
+          }
           const bool poly = poly_exp_block<kMask>(nb);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -699,6 +737,39 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
       pv_wgmma_group(pa, desc0, kg * kGroupSteps);
     }
+  }
+
+  // The b1 wgmma scores of the tile in two commit groups of half a tile each (the second half
+  // stays in flight while the first is consumed), then waits for the first half.
+  __device__ __forceinline__ void qk_issue(const unsigned char* st, int (&sc)[kBlockN / 8][4]) {
+    constexpr int kHalf = kBlockN / 2;
+    const uint32_t qa4[4] = {qa[0][0], qa[0][1], 0u, 0u};  // d <= 128: bits 128..255 unused
+    const uint64_t desc = WgmmaKBits::desc(smem_u32(st + Tr::kOffKBits));
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      wgmma_fence();
+      wgmma_b1_m64nNk256_rs<kHalf>(*reinterpret_cast<int(*)[kHalf / 8][4]>(&sc[hh * kHalf / 8][0]), qa4,
+                                   desc + WgmmaKBits::key_step(hh * kHalf));
+      wgmma_commit();
+    }
+    wgmma_wait<1>();
+    fence_scores<0>(sc);
+  }
+
+  // Pins the reads of n8 blocks nb0 .. nb0 + kBlockN / 16 - 1 after the wait that retired them.
+  template <int kNb0>
+  __device__ __forceinline__ static void fence_scores(int (&sc)[kBlockN / 8][4]) {
+#pragma unroll
+    for (int nb = kNb0; nb < kNb0 + kBlockN / 16; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence_s32(sc[nb][e]);
+  }
+
+  // Added to 2 p(q & k) for the float bits that scores_from_bits takes (as the mma.sync forms
+  // produce them: kDup128 carries 1.5 * 2^24 in its mma's C, kK128 in rowc).
+  __device__ __forceinline__ int qk_row_bits(int r) const {
+    if constexpr (kDup) return kRelPos ? 0x4BC00000 + rowc[r] : 0x4BC00000;
+    return rowc[r];
   }
 
   // Issues one commit group of P.V: wgmma for the k16 steps step0 .. step0 + kSteps - 1 of the

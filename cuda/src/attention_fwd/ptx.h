@@ -278,6 +278,52 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const u
 #endif
 }
 
+// D(64 x N, s32) = A(64 x 256 bits, registers) AND.popc B(256 bits x N, shared memory, K-major):
+// the binary QK^T of a warpgroup's 64 query rows against N keys (BGMMA). The A fragment of warp w
+// is the m16n8k256 b1 layout of its 16 rows: a0 = (16w + g, k 32t..32t+31), a1 = (16w + g + 8,
+// k 32t..), a2 / a3 the same rows at k 128 + 32t; D is the m16n8 C layout per n8 block, as for
+// the f16 shapes above. scale-d = 0: D is overwritten (no accumulator input), so the registers
+// need no reset between tiles. N = 32 or 64 (the half key tiles of kernel_bounded.h).
+template <int kN>
+__device__ __forceinline__ void wgmma_b1_m64nNk256_rs(int (&d)[kN / 8][4], const uint32_t (&a)[4],
+                                                      uint64_t desc_b) {
+  static_assert(kN == 32 || kN == 64, "wgmma b1 n");
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  if constexpr (kN == 32) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k256.s32.b1.b1.and.popc {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p;\n}\n"
+        : "=r"(d[0][0]), "=r"(d[0][1]), "=r"(d[0][2]), "=r"(d[0][3]),
+          "=r"(d[1][0]), "=r"(d[1][1]), "=r"(d[1][2]), "=r"(d[1][3]),
+          "=r"(d[2][0]), "=r"(d[2][1]), "=r"(d[2][2]), "=r"(d[2][3]),
+          "=r"(d[3][0]), "=r"(d[3][1]), "=r"(d[3][2]), "=r"(d[3][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(0));
+  }
+  if constexpr (kN == 64) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k256.s32.b1.b1.and.popc {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p;\n}\n"
+        : "=r"(d[0][0]), "=r"(d[0][1]), "=r"(d[0][2]), "=r"(d[0][3]),
+          "=r"(d[1][0]), "=r"(d[1][1]), "=r"(d[1][2]), "=r"(d[1][3]),
+          "=r"(d[2][0]), "=r"(d[2][1]), "=r"(d[2][2]), "=r"(d[2][3]),
+          "=r"(d[3][0]), "=r"(d[3][1]), "=r"(d[3][2]), "=r"(d[3][3]),
+          "=r"(d[4][0]), "=r"(d[4][1]), "=r"(d[4][2]), "=r"(d[4][3]),
+          "=r"(d[5][0]), "=r"(d[5][1]), "=r"(d[5][2]), "=r"(d[5][3]),
+          "=r"(d[6][0]), "=r"(d[6][1]), "=r"(d[6][2]), "=r"(d[6][3]),
+          "=r"(d[7][0]), "=r"(d[7][1]), "=r"(d[7][2]), "=r"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(0));
+  }
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void reg_fence_s32(int& x) { asm volatile("" : "+r"(x)::"memory"); }
+
 // ------------------------------------------------------------------ shared memory
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -202,6 +202,8 @@ struct WgmmaOp {
   double a[2][16];    // rows g and g + 8 of the warp's A, k = 0..15
   uint64_t desc;
   bool bf16;
+  int* di = nullptr;          // b1 (m64nNk256 AND.popc, scale-d 0): the s32 results instead of d
+  uint32_t bits[2][8] = {};   // b1: rows g and g + 8 of the warp's A, words 0..7 (k 32w..)
 };
 inline thread_local std::vector<WgmmaOp> wgmma_open;
 inline thread_local std::deque<std::vector<WgmmaOp>> wgmma_groups;
@@ -232,8 +234,32 @@ inline uint32_t wgmma_b_address_mn_major(uint64_t desc, unsigned k, unsigned n) 
   return addr;
 }
 
+// Byte address and bit of B(k, n) for b1 (K-major, no swizzle: core matrices of 8 rows (n) x 16
+// bytes (k, 128 bits), rows 16 bytes apart, the next 8 rows SBO further, the next 128 bits of k LBO
+// further; bit k % 8 of the byte, as the packed sign rows).
+inline uint32_t wgmma_b1_address_k_major(uint64_t desc, unsigned k, unsigned n) {
+  const uint32_t start = uint32_t(desc & 0x3FFFu) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3FFFu) << 4;
+  if ((unsigned(desc >> 62) & 3u) != 0 || (unsigned(desc >> 49) & 7u) != 0) std::abort();  // (not emulated)
+  return start + (n % 8) * 16 + (n / 8) * sbo + (k % 128) / 8 + (k / 128) * lbo;
+}
+
 inline void wgmma_execute(const WgmmaOp& op) {
   const unsigned g = lane() / 4, t = lane() % 4;
+  if (op.di != nullptr) {
+    for (int i = 0; i < op.n / 8; ++i)
+      for (int e = 0; e < 4; ++e) {
+        const unsigned col = 8 * i + 2 * t + (e & 1);
+        int count = 0;
+        for (unsigned k = 0; k < 256; ++k) {
+          const unsigned char byte = *binformer::cuda::fwd::smem_ptr(wgmma_b1_address_k_major(op.desc, k, col));
+          count += int((op.bits[e / 2][k / 32] >> (k % 32)) & 1u & (byte >> (k % 8)));
+        }
+        op.di[4 * i + e] = count;
+      }
+    return;
+  }
   for (int i = 0; i < op.n / 8; ++i)
     for (int e = 0; e < 4; ++e) {
       const unsigned col = 8 * i + 2 * t + (e & 1);
@@ -297,6 +323,30 @@ inline void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uin
   wgmma_open.push_back(op);
   ++wgmma_issued;
 }
+
+template <int kN>
+inline void wgmma_b1_m64nNk256_rs(int (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma n (b1: multiples of 8 up to 256)");
+  using namespace wgmma_emulation;
+  if (!wgmma_fenced) std::abort();
+  auto& s = slot(tid());
+  s[0] = a[0]; s[1] = a[1]; s[2] = a[2]; s[3] = a[3];
+  s[4] = uint32_t(desc_b); s[5] = uint32_t(desc_b >> 32);
+  warp_sync();
+  const unsigned g = lane() / 4, base = warp_base();
+  WgmmaOp op{nullptr, kN, {}, desc_b, false};
+  op.di = &d[0][0];
+  // a0 = (g, k 32t..), a1 = (g + 8, k 32t..), a2 / a3 = the same rows at k 128 + 32t
+  for (unsigned h = 0; h < 2; ++h)
+    for (unsigned w = 0; w < 8; ++w) op.bits[h][w] = slot(base + 4 * g + w % 4)[h + (w >= 4 ? 2 : 0)];
+  for (unsigned l = 0; l < 32; ++l) {
+    if (slot(base + l)[4] != s[4] || slot(base + l)[5] != s[5]) std::abort();
+  }
+  warp_sync();
+  wgmma_open.push_back(op);
+  ++wgmma_issued;
+}
+inline void reg_fence_s32(int&) {}
 
 // The fp32-V and pv_int8 paths are not emulated.
 inline void mma_tf32_1688(float (&)[4], const uint32_t (&)[4], uint32_t, uint32_t) { std::abort(); }
