@@ -72,9 +72,6 @@ struct FwdArgs {
   int relpos_slice;
 
   bool causal;
-  // sm_90a bounded kernels, d <= 128: QK^T on the b1 wgmma (qk_wgmma.h) instead of mma.sync
-  // (launch.h: BINFORMER_FWD_QK_WGMMA).
-  bool qk_wgmma;
   const float* v_dequant;  // [B,H,Dv] (pv_int8)
 };
 

@@ -47,6 +47,11 @@
 #include "pv_wgmma.h"
 #include "qk_wgmma.h"
 
+// sm_90a, d <= 128: 1 computes QK^T of the fixed-maximum tiles on the b1 wgmma (NOTES v12), 0 on
+// mma.sync as before.
+#ifndef BINFORMER_FWD_QK_WGMMA
+#define BINFORMER_FWD_QK_WGMMA 1
+#endif
 // sm_90a: 16-key steps per wgmma commit group (1 or 2; the online path uses its 32-key chunks).
 #ifndef BINFORMER_FWD_WGMMA_GROUP_STEPS
 #define BINFORMER_FWD_WGMMA_GROUP_STEPS 2
@@ -90,9 +95,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr int kKPitch = Tr::kKPitchWords;
   static constexpr bool kWgmma = Tr::kWgmma;
   static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
-  // sm_90a, d <= 128: QK^T of the fixed-maximum tiles on the b1 wgmma (qk_wgmma.h) when
-  // a.qk_wgmma; else (and in the online tiles) on mma.sync.
-  static constexpr bool kQkWgmma = kWgmma && (kDup || kQK == QK::kK128);
+  // sm_90a, d <= 128: QK^T of the fixed-maximum tiles on the b1 wgmma (qk_wgmma.h); the online
+  // tiles keep mma.sync. (A compile-time switch: a run-time one costs the registers of both paths.)
+  static constexpr bool kQkWgmma = BINFORMER_FWD_QK_WGMMA && kWgmma && (kDup || kQK == QK::kK128);
   static_assert(kGroupSteps == 1 || kGroupSteps == 2, "wgmma group: 1 or 2 k16 steps");
   static_assert(!kWgmma || kMT == 1, "wgmma: one m-tile per warp (rows 16 w of the warpgroup)");
   // The wide shape is two warpgroups, the narrow one (BoundedShape::kNarrow) one: each owns 64 rows.
@@ -688,21 +693,19 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   template <bool kMask>
   __device__ __forceinline__ void fixed_tile_wgmma(const unsigned char* st, int key0, int warp_limit) {
     const uint64_t desc0 = VLayout::desc(smem_u32(st + Tr::kOffV));
-    // kQkWgmma: the tile's integer scores p(q & k), both halves issued up front (qk_wgmma.h).
-    constexpr int kHalfNB = kBlockN / 16;                           // n8 blocks per half tile
-    constexpr int kHalfGroups = kBlockN / 2 / (16 * kGroupSteps);  // P.V groups per half tile
-    static_assert(!kQkWgmma || kHalfGroups >= 1, "the first half's P.V waits retire the second half");
-    int sc[kQkWgmma ? 2 * kHalfNB : 1][4];
-    const bool qk_async = kQkWgmma && a.qk_wgmma;
+    constexpr int kGroups = kBlockN / (16 * kGroupSteps);
+    // kQkWgmma: the integer scores p(q & k) of one P.V group's keys per b1 wgmma, in a ring of
+    // two register buffers: group kg + 1's in flight while group kg is consumed (qk_wgmma.h).
+    static_assert(!kQkWgmma || 16 * kGroupSteps == kQkKeys, "one b1 wgmma per P.V group");
+    int sc[kQkWgmma ? 2 : 1][kQkKeys / 8][4];
     if constexpr (kQkWgmma) {
-      if (qk_async) qk_issue(st, sc);
+      qk_issue(st, sc[0], 0);
+      qk_issue(st, sc[1], 1);
+      wgmma_wait<1>();
+      fence_scores(sc[0]);
     }
 #pragma unroll
-    for (int kg = 0; kg < kBlockN / (16 * kGroupSteps); ++kg) {
-      if constexpr (kQkWgmma) {
-        // every P.V group so far waited with at most one group (its own) in flight
-        if (qk_async && kg == kHalfGroups) fence_scores<kHalfNB>(sc);
-      }
+    for (int kg = 0; kg < kGroups; ++kg) {
       uint32_t pa[kGroupSteps][kMT][4];
 #pragma unroll
       for (int s = 0; s < kGroupSteps; ++s) {
@@ -717,10 +720,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
             continue;
           }
           float z[kMT][4];
-          if (qk_async) {
+          if constexpr (kQkWgmma) {
             int bits[kMT][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) bits[0][e] = 2 * sc[kQkWgmma ? nb : 0][e] + qk_row_bits(e / 2);
+            for (int e = 0; e < 4; ++e) {
+              bits[0][e] = 2 * sc[kg % 2][2 * s + hf][e] + qk_row_bits(e / 2);
+            }
             scores_from_bits<kMask>(z, st, nb, key0, bits);
           } else {
             scores_nb<kMask>(z, st, nb, key0);
@@ -736,31 +741,29 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         pack_p(pa[s], p);
       }
       pv_wgmma_group(pa, desc0, kg * kGroupSteps);
+      if constexpr (kQkWgmma) {
+        // the group's wait retired every older group: the scores of group kg + 1 are in
+        if (kg + 1 < kGroups) fence_scores(sc[(kg + 1) % 2]);
+        if (kg + 2 < kGroups) qk_issue(st, sc[kg % 2], kg + 2);
+      }
     }
   }
 
-  // The b1 wgmma scores of the tile in two commit groups of half a tile each (the second half
-  // stays in flight while the first is consumed), then waits for the first half.
-  __device__ __forceinline__ void qk_issue(const unsigned char* st, int (&sc)[kBlockN / 8][4]) {
-    constexpr int kHalf = kBlockN / 2;
+  // One commit group: the b1 wgmma scores of the warpgroup's rows against keys kQkKeys * chunk ..
+  // of the tile.
+  static constexpr int kQkKeys = 16 * kGroupSteps;
+  __device__ __forceinline__ void qk_issue(const unsigned char* st, int (&sc)[kQkKeys / 8][4], int chunk) {
     const uint32_t qa4[4] = {qa[0][0], qa[0][1], 0u, 0u};  // d <= 128: bits 128..255 unused
-    const uint64_t desc = WgmmaKBits::desc(smem_u32(st + Tr::kOffKBits));
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      wgmma_fence();
-      wgmma_b1_m64nNk256_rs<kHalf>(*reinterpret_cast<int(*)[kHalf / 8][4]>(&sc[hh * kHalf / 8][0]), qa4,
-                                   desc + WgmmaKBits::key_step(hh * kHalf));
-      wgmma_commit();
-    }
-    wgmma_wait<1>();
-    fence_scores<0>(sc);
+    wgmma_fence();
+    wgmma_b1_m64nNk256_rs<kQkKeys>(
+        sc, qa4, WgmmaKBits::desc(smem_u32(st + Tr::kOffKBits)) + WgmmaKBits::key_step(chunk * kQkKeys));
+    wgmma_commit();
   }
 
-  // Pins the reads of n8 blocks nb0 .. nb0 + kBlockN / 16 - 1 after the wait that retired them.
-  template <int kNb0>
-  __device__ __forceinline__ static void fence_scores(int (&sc)[kBlockN / 8][4]) {
+  // Pins the reads of a score buffer after the wait that retired its wgmma.
+  __device__ __forceinline__ static void fence_scores(int (&sc)[kQkKeys / 8][4]) {
 #pragma unroll
-    for (int nb = kNb0; nb < kNb0 + kBlockN / 16; ++nb)
+    for (int nb = 0; nb < kQkKeys / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) reg_fence_s32(sc[nb][e]);
   }

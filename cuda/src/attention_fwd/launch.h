@@ -118,13 +118,6 @@ inline bool fwd_wgmma_narrow(const FwdArgs& args) {
   return args.relpos_table == nullptr && args.Nk >= BINFORMER_FWD_SM90_NARROW_MIN_NK;
 }
 
-// BINFORMER_FWD_QK_WGMMA (read at every call): 0 keeps the wgmma kernels' QK^T on mma.sync (the
-// A/B switch of NOTES v12); unset or anything else puts it on the b1 wgmma (qk_wgmma.h).
-inline bool fwd_qk_wgmma_requested() {
-  const char* env = std::getenv("BINFORMER_FWD_QK_WGMMA");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
 // BINFORMER_FWD_SM90_WIDE: 0 mma.sync, 1 (unset) wgmma at 2 blocks/SM, 2 wgmma at 1 block/SM.
 inline int fwd_wgmma_wide_mode() {
   // Default 1 (2 blocks/SM): measured on the H100 (device run 15) DiT 414 -> 293 us and
@@ -158,7 +151,6 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
                      Tr::kBlockM);
       }
     }
-    args.qk_wgmma = fwd_qk_wgmma_requested();
     return launch_kernel<Tr>(attention_fwd_bounded_wgmma_kernel<Tr>, args, smem, stream);
   } else {
     return launch_kernel<Tr>(attention_fwd_bounded_kernel<Tr>, args, smem, stream);

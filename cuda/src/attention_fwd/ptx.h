@@ -283,12 +283,22 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const u
 // is the m16n8k256 b1 layout of its 16 rows: a0 = (16w + g, k 32t..32t+31), a1 = (16w + g + 8,
 // k 32t..), a2 / a3 the same rows at k 128 + 32t; D is the m16n8 C layout per n8 block, as for
 // the f16 shapes above. scale-d = 0: D is overwritten (no accumulator input), so the registers
-// need no reset between tiles. N = 32 or 64 (the half key tiles of kernel_bounded.h).
+// need no reset between tiles. N = 16, 32 or 64.
 template <int kN>
 __device__ __forceinline__ void wgmma_b1_m64nNk256_rs(int (&d)[kN / 8][4], const uint32_t (&a)[4],
                                                       uint64_t desc_b) {
-  static_assert(kN == 32 || kN == 64, "wgmma b1 n");
+  static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma b1 n");
 #if defined(BINFORMER_FWD_WGMMA_CODE)
+  if constexpr (kN == 16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k256.s32.b1.b1.and.popc {"
+        "%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, %12, p;\n}\n"
+        : "=r"(d[0][0]), "=r"(d[0][1]), "=r"(d[0][2]), "=r"(d[0][3]),
+          "=r"(d[1][0]), "=r"(d[1][1]), "=r"(d[1][2]), "=r"(d[1][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(0));
+  }
   if constexpr (kN == 32) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"

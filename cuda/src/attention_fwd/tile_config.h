@@ -45,6 +45,10 @@
 // ViT-B (197) 153.8 -> 159.4; with rel-pos narrow was slower on ViT-B (188 -> 206), ViT-L
 // (240 -> 257) and 4096 (789 -> 867), faster only on med3d (266 -> 254). (The prediction, NOTES
 // v8, was the reverse: gains on the short ranges from overlapping 4 blocks' prologues.)
+// Blocks per SM of the narrow shape (launch bounds: 4 -> 128 registers, 3 -> 168).
+#ifndef BINFORMER_FWD_SM90_NARROW_BLOCKS
+#define BINFORMER_FWD_SM90_NARROW_BLOCKS 4
+#endif
 #ifndef BINFORMER_FWD_SM90_NARROW_MIN_NK
 #define BINFORMER_FWD_SM90_NARROW_MIN_NK 1024
 #endif

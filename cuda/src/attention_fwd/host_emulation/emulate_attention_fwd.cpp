@@ -44,7 +44,6 @@ struct Case {
   bool negative = false;
   bool relpos = false;
   bool relpos_stream = false;  // bounded kernels: per-tile table slices instead of the window
-  bool qk_wgmma = true;  // wgmma kernels: QK^T on the b1 wgmma (false: mma.sync)
   int wh = 0, ww = 0, prefix = 0;
   double table_sigma = 1.0;
   int copy_q_every = 0;  // > 0: key j = query j's signs for j % copy_q_every == 0 (dot = d)
@@ -331,7 +330,6 @@ bool run_case(const Case& c) {
     args.relpos_stream = c.relpos_stream;  // (launch() sizes the window / slices per shape)
   }
   args.causal = c.causal;
-  args.qk_wgmma = c.qk_wgmma;
   if (c.bf16) {
     c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel) : dispatch_dv<PvKind::kBF16, false>(args, c.kernel);
   } else {
@@ -496,20 +494,6 @@ int main(int argc, char** argv) {
     Case c; c.kernel = Kernel::kWgmmaNarrow; c.name = "narrow_vitb_197"; c.Nq = c.Nk = 197; nw.push_back(c);
     c.name = "narrow_d128_nk700_bf16"; c.d = 128; c.bf16 = true; c.Nq = 130; c.Nk = 700; nw.push_back(c);
     for (Case& w : nw) add(w);
-  }
-  {  // QK^T of the wgmma kernels back on mma.sync (BINFORMER_FWD_QK_WGMMA=0): every fourth
-     // wgmma / narrow case (every case above runs the default, the b1 wgmma)
-    std::vector<Case> mq;
-    int n = 0;
-    for (const Case& c : cases) {
-      if (c.kernel != Kernel::kWgmma && c.kernel != Kernel::kWgmmaNarrow) continue;
-      if (n++ % 4 != 0) continue;
-      Case m = c;
-      m.qk_wgmma = false;
-      m.name = "mmaqk_" + c.name;
-      mq.push_back(m);
-    }
-    for (Case& m : mq) add(m);
   }
   {  // output / V layouts: padded rows (16-byte aligned: the staged epilogue; 4-byte: pairs),
      // unaligned rows (scalar stores; V through the synchronous copies), a masked Dv (40 of 64)
