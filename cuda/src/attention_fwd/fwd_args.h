@@ -2,6 +2,8 @@
 // kernel would otherwise recompute per block (alignment decisions, broadcast classification,
 // workspace pointers) decided once on the host.
 #pragma once
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 
 #include "binformer/params.h"
@@ -74,5 +76,14 @@ struct FwdArgs {
   bool causal;
   const float* v_dequant;  // [B,H,Dv] (pv_int8)
 };
+
+// The P table of the sm_90a bounded kernels (kernel_bounded.h, NOTES v12): one row factor per
+// (b, h) (no per-token q_scale; a per-token k scale never reaches the bounded kernels), d <= 64,
+// no rel-pos. BINFORMER_FWD_PTABLE=0 (read at every call: A/B in one process) keeps ex2.
+inline bool fwd_p_table_wanted(const FwdArgs& a) {
+  const char* env = std::getenv("BINFORMER_FWD_PTABLE");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return a.q_scale == nullptr || a.q_scale_stride[2] == 0;
+}
 
 }  // namespace binformer::cuda::fwd

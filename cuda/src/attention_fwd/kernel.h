@@ -56,7 +56,7 @@ __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) 
 // Dv = 64, 72, 80, 96, 128.
 template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
           bool kBoundedRelPos_ = false, BoundedShape kBoundedShape_ = BoundedShape::kWide,
-          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2>
+          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2, bool kPTable_ = false>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
@@ -93,10 +93,12 @@ struct FwdTraits {
   // The bounded kernels at Dv <= 64 keep no score tile in registers: 2 blocks of 8 warps x 1
   // m-tile or 4 blocks of 4 warps x 1 m-tile (<= 128 registers), or 3 blocks of 4 warps x 2
   // m-tiles (<= 168) per SM (tile_config.h).
+  // The P table kernel (narrow only) runs 3 blocks per SM: at 128 registers ptxas serialized its
+  // wgmma (C7512).
   // The wgmma kernels at Dv = 72..128 hold no V fragments either: kWgmmaWideBlocks_ blocks of 8
   // warps per SM (2: 128 registers, a few spills at Dv = 128; 1: up to 255 registers).
   static constexpr int kMinBlocksPerSm =
-      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : kMTiles == 1 ? BINFORMER_FWD_SM90_NARROW_BLOCKS : 3)
+      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : kMTiles == 1 ? (kPTable_ ? 3 : BINFORMER_FWD_SM90_NARROW_BLOCKS) : 3)
       : kWgmma                 ? kWgmmaWideBlocks_
                                : (kThreads >= 256 ? 1 : 2);
 
@@ -140,7 +142,15 @@ struct FwdTraits {
   static constexpr bool kQAliasesStage = kQStageBytes <= kStageBytes;
   static constexpr int kOffQ = kQAliasesStage ? (kStages - 1) * kStageBytes : kStages * kStageBytes;
   // Bytes before the (optional, runtime-sized) rel-pos table.
-  static constexpr int kSmemFixed = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
+  // The P table of the sm_90a bounded kernels at d <= 64 without rel-pos (kernel_bounded.h, "P
+  // table"; launched for one row factor per (b, h)): a 16-bit ones matrix for the row-sum wgmma,
+  // then the d + 2 table entries.
+  static constexpr bool kPTable = kPTable_;
+  static_assert(!kPTable || (kBounded && kWgmma && kQK == QK::kDup128 && !kBoundedRelPos), "P table");
+  static constexpr int kPTableOnesBytes = 512;
+  static constexpr int kOffPTable = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
+  static constexpr int kPTableBytes = kPTable ? kPTableOnesBytes + round_up_c((64 + 2) * 4, 16) : 0;
+  static constexpr int kSmemFixed = kOffPTable + kPTableBytes;
   // Extra dynamic shared memory the launcher requests so that the kernel can align its base to
   // kSmemAlign (the runtime guarantees less than 1024).
   static constexpr int kSmemAlignSlack = kWgmma ? kSmemAlign : 0;

@@ -97,7 +97,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
   // sm_90a, d <= 128: QK^T of the fixed-maximum tiles on the b1 wgmma (qk_wgmma.h); the online
   // tiles keep mma.sync. (A compile-time switch: a run-time one costs the registers of both paths.)
-  static constexpr bool kQkWgmma = BINFORMER_FWD_QK_WGMMA && kWgmma && (kDup || kQK == QK::kK128);
+  static constexpr bool kQkWgmma =
+      (BINFORMER_FWD_QK_WGMMA && kWgmma && (kDup || kQK == QK::kK128) && !kRelPos) || Tr::kPTable;
+  static constexpr bool kPTable = Tr::kPTable;
+  static constexpr int kQkKeys = 16 * kGroupSteps;  // keys per b1 wgmma: one P.V group
   static_assert(kGroupSteps == 1 || kGroupSteps == 2, "wgmma group: 1 or 2 k16 steps");
   static_assert(!kWgmma || kMT == 1, "wgmma: one m-tile per warp (rows 16 w of the warpgroup)");
   // The wide shape is two warpgroups, the narrow one (BoundedShape::kNarrow) one: each owns 64 rows.
@@ -115,6 +118,13 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   float lse_shift[kRows];  // c_i d + rmax_h log2(e) - kTop: z units -> log2 units
   float row_add[kRows];    // FFMA addend without rel-pos: kTop (- 2 c_i p(q_i) for kDup128)
   bool fixed;              // warp-uniform: the row maxima are fixed at 0 (P = 2^z)
+  // P table (kPTable, see "P table" below): the lane's A words of the b1 wgmma (q, or ~q within
+  // d), the shared address of T[0], the ones-matrix descriptor, and the row sums of the table's P
+  // (m16n8 C layout: element 0 row g, 2 row g + 8).
+  uint32_t tab_q[2];
+  uint32_t tab_p;
+  uint64_t ones_desc;
+  float lsum[1][4];
   bool range_ok;           // the rel-pos range is finite (else z <= kTop is not guaranteed)
   // Rel-pos: shared-memory byte address of the table entry for (row, key with off_j = 0), the
   // byte step per unit of off_j (-4; 0 on the cls row), and the row's cls-column entry.
@@ -164,6 +174,8 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) lsum[0][e] = 0.0f;
 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait<Tr::kStages - 2>();
@@ -176,7 +188,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
       const int key0 = n_tile * kBlockN;
 #if defined(BINFORMER_FWD_HOST_EMULATION)
-      fwd_emulation::count_tile(fixed);  // coverage of the fixed / online paths
+      fwd_emulation::count_tile(fixed, kPTable);  // coverage of the fixed / online / table paths
 #endif
       if (n_tile >= first_masked) {
         // n8 blocks at or past warp_limit are masked for every row of the warp (wgmma: of the
@@ -198,6 +210,14 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       }
       // The next iteration's barrier releases this stage to the copies: its wgmma must be done.
       if constexpr (kWgmma) pv_drain();
+    }
+    // The table's row sums (zero unless it ran) are whole rows in every lane of the quad, whose
+    // partial l_run the epilogue adds up: one lane contributes them. (Weighted, not branched:
+    // reading a wgmma accumulator on a divergent path serializes every wgmma, ptxas C7520.)
+    if constexpr (kPTable) {
+      const float w = t == 0 ? 1.0f : 0.0f;
+      l_run[0] = fmaf(w, lsum[0][0], l_run[0]);
+      l_run[1] = fmaf(w, lsum[0][2], l_run[1]);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] += lse_shift[r];  // the epilogue's lse in log2 units
@@ -439,6 +459,13 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       rel_zadd = add;
       for (int idx = tid; idx < rel_len + 3; idx += kThreads) tab[idx] = fmaf(tab[idx], kLog2e, add);
     }
+    if constexpr (kPTable) {
+      const float k_head_t = a.k_scale_head != nullptr
+                                 ? __ldg(a.k_scale_head + int64_t(b) * a.k_scale_head_stride[0] +
+                                         int64_t(h) * a.k_scale_head_stride[1])
+                                 : 1.0f;
+      write_p_table(tid, fabsf(a.scale * this->query_factor(m0) * k_head_t) * kLog2e);
+    }
     __syncthreads();
 
     const uint32_t* sq = reinterpret_cast<const uint32_t*>(smem + Tr::kOffQ);
@@ -461,6 +488,13 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       // the mma's C and, without rel-pos, its -2 p(q_i) in row_add.
       rowc[2 * mt] = (kDup ? 0 : 0x4BC00000) - pop_lo;
       rowc[2 * mt + 1] = (kDup ? 0 : 0x4BC00000) - pop_hi;
+      if constexpr (kPTable) {  // A = (q0, q1, ~q0, ~q1) across the quad, ~q within d
+        const int w = t & 1;
+        const uint32_t in_d = a.d >= 32 * (w + 1) ? ~0u : a.d > 32 * w ? (1u << (a.d - 32 * w)) - 1u : 0u;
+        const uint32_t flip = t < 2 ? 0u : in_d;
+        tab_q[0] = (sq[lo * 8 + w] ^ flip) & in_d;
+        tab_q[1] = (sq[hi * 8 + w] ^ flip) & in_d;
+      }
     }
 
     const float k_head = a.k_scale_head != nullptr
@@ -697,13 +731,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     // kQkWgmma: the integer scores p(q & k) of one P.V group's keys per b1 wgmma, in a ring of
     // two register buffers: group kg + 1's in flight while group kg is consumed (qk_wgmma.h).
     static_assert(!kQkWgmma || 16 * kGroupSteps == kQkKeys, "one b1 wgmma per P.V group");
-    int sc[kQkWgmma ? 2 : 1][kQkKeys / 8][4];
-    if constexpr (kQkWgmma) {
-      qk_issue(st, sc[0], 0);
-      qk_issue(st, sc[1], 1);
-      wgmma_wait<1>();
-      fence_scores(sc[0]);
+    if constexpr (kPTable) {
+      table_tile<kMask>(st, key0);
+      return;
     }
+    int sc[kQkWgmma ? 2 : 1][kQkKeys / 8][4];
+    if constexpr (kQkWgmma) qk_ring_start(st, sc);
 #pragma unroll
     for (int kg = 0; kg < kGroups; ++kg) {
       uint32_t pa[kGroupSteps][kMT][4];
@@ -741,19 +774,104 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         pack_p(pa[s], p);
       }
       pv_wgmma_group(pa, desc0, kg * kGroupSteps);
-      if constexpr (kQkWgmma) {
-        // the group's wait retired every older group: the scores of group kg + 1 are in
-        if (kg + 1 < kGroups) fence_scores(sc[(kg + 1) % 2]);
-        if (kg + 2 < kGroups) qk_issue(st, sc[kg % 2], kg + 2);
+      if constexpr (kQkWgmma) qk_ring_advance(st, sc, kg);
+    }
+  }
+
+  // The score ring: groups 0 and 1 issued, group 0 ready.
+  __device__ __forceinline__ void qk_ring_start(const unsigned char* st, int (&sc)[2][kQkKeys / 8][4]) {
+    qk_issue(st, sc[0], 0);
+    qk_issue(st, sc[1], 1);
+    wgmma_wait<1>();
+    fence_scores(sc[0]);
+  }
+  // After P.V group kg was issued: its wait retired every older group, so the scores of group
+  // kg + 1 are in; group kg + 2 goes into the buffer group kg used.
+  __device__ __forceinline__ void qk_ring_advance(const unsigned char* st, int (&sc)[2][kQkKeys / 8][4], int kg) {
+    constexpr int kGroups = kBlockN / (16 * kGroupSteps);
+    if (kg + 1 < kGroups) fence_scores(sc[(kg + 1) % 2]);
+    if (kg + 2 < kGroups) qk_issue(st, sc[kg % 2], kg + 2);
+  }
+
+  // ============================================================================== P table
+  // With one row factor for the whole block (per-head or no q_scale: the launcher picks these
+  // kernels only then), no rel-pos and d <= 64, the fixed path's exponent is z = kTop - 2 c x with
+  // x = p(q_i XOR k_j) in 0..d: P = 2^z takes only d + 1 values (SPEC.md section 3). The block
+  // writes them once to a shared table, and every score element is a lookup, LEA + LDS + one PRMT,
+  // instead of IMAD + FADD + FFMA + MUFU.EX2 + FADD + half an F2FP. The b1 wgmma gives
+  // D = p(q & k) + p(~q & ~k) = d - x directly: A = (q0, q1, ~q0, ~q1) across the quad against the
+  // K row (k0, k1, ~k0, ~k1) (the pre-pass stores ~k within d in words 2-3 at d <= 64), so the
+  // table is indexed by D: T[D] = 2^(kTop - 2 c (d - D)), T[d + 1] = 0 for masked keys.
+  // The row sums move to the tensor cores: P times a ones matrix (wgmma m64n8k16). Every score of a
+  // row with the same D has the same P, so summing the 16-bit P that P.V uses would carry the
+  // rounding of a few entries into lse unaveraged (up to 2^-12 relative): each entry is 32 bits,
+  // the 16-bit P in the low half and the 16-bit rounding of (P - that) in the high half, and both
+  // halves go through the ones product. (NOTES v11 measured this on the mma.sync b1 product, where
+  // the b1 mma.sync throttled on the tensor pipe; v12 re-measures it on the wgmma scores.)
+  __device__ __forceinline__ void write_p_table(int tid, float c) {
+    constexpr uint32_t kOne = kBF ? 0x3F80u : 0x3C00u;
+    const uint32_t ones_addr = smem_u32(smem + Tr::kOffPTable);
+    for (int idx = tid; idx < Tr::kPTableOnesBytes / 4; idx += kThreads) {
+      st_shared_u32(ones_addr + 4u * uint32_t(idx), kOne | (kOne << 16));
+    }
+    tab_p = ones_addr + Tr::kPTableOnesBytes;
+    for (int dd = tid; dd <= a.d + 1; dd += kThreads) {
+      const float p = dd <= a.d ? exp2f(kTop - 2.0f * c * float(a.d - dd)) : 0.0f;
+      const uint32_t hi = pack_pair<kBF>(p, 0.0f) & 0xFFFFu;
+      const float hi_f = kBF ? __uint_as_float(hi << 16) : __half2float(__ushort_as_half(uint16_t(hi)));
+      st_shared_u32(tab_p + 4u * uint32_t(dd), hi | (pack_pair<kBF>(p - hi_f, 0.0f) << 16));
+    }
+    // No swizzle, 16-byte rows 128 bytes apart in both directions: every element a 1.
+    ones_desc = uint64_t((ones_addr >> 4) & 0x3FFFu) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
+  }
+
+  // fixed_tile_wgmma with P from the table: per P.V group the lookups of its scores, then P.V and
+  // the two row-sum products. (Masked tiles mask per key: no branch around wgmma operands.)
+  template <bool kMask>
+  __device__ __forceinline__ void table_tile(const unsigned char* st, int key0) {
+    const uint64_t desc0 = VLayout::desc(smem_u32(st + Tr::kOffV));
+    constexpr int kGroups = kBlockN / (16 * kGroupSteps);
+    const uint32_t masked_at = tab_p + 4u * uint32_t(a.d + 1);
+    int sc[2][kQkKeys / 8][4];
+    qk_ring_start(st, sc);
+#pragma unroll
+    for (int kg = 0; kg < kGroups; ++kg) {
+      uint32_t pa[kGroupSteps][kMT][4], pl[kGroupSteps][kMT][4];
+#pragma unroll
+      for (int s = 0; s < kGroupSteps; ++s) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int nb = 2 * (kg * kGroupSteps + s) + hf;
+          uint32_t ent[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            uint32_t at = tab_p + 4u * uint32_t(sc[kg % 2][2 * s + hf][e]);
+            if (kMask) {
+              const int j = key0 + nb * 8 + 2 * t + (e & 1);
+              const bool ok = j < a.Nk && (!a.causal || j <= row_of(e / 2));
+              at = ok ? at : masked_at;
+            }
+            ent[e] = lds_u32_invariant(at);
+          }
+          pa[s][0][2 * hf] = prmt(ent[0], ent[1], 0x5410u);      // row g, columns 2t, 2t + 1
+          pa[s][0][2 * hf + 1] = prmt(ent[2], ent[3], 0x5410u);  // row g + 8
+          pl[s][0][2 * hf] = prmt(ent[0], ent[1], 0x7632u);
+          pl[s][0][2 * hf + 1] = prmt(ent[2], ent[3], 0x7632u);
+        }
       }
+      pv_wgmma_group<kGroupSteps, true>(pa, desc0, kg * kGroupSteps, &pl);
+      qk_ring_advance(st, sc, kg);
     }
   }
 
   // One commit group: the b1 wgmma scores of the warpgroup's rows against keys kQkKeys * chunk ..
   // of the tile.
-  static constexpr int kQkKeys = 16 * kGroupSteps;
   __device__ __forceinline__ void qk_issue(const unsigned char* st, int (&sc)[kQkKeys / 8][4], int chunk) {
-    const uint32_t qa4[4] = {qa[0][0], qa[0][1], 0u, 0u};  // d <= 128: bits 128..255 unused
+    // d <= 128: bits 128..255 unused. kDup128: the K words 2-3 hold ~k (pack_keys.h), which the
+    // table's A words pair with ~q and the others with zero.
+    const bool k_words_01 = !kDup || t < 2;
+    const uint32_t qa4[4] = {kPTable ? tab_q[0] : k_words_01 ? qa[0][0] : 0u,
+                             kPTable ? tab_q[1] : k_words_01 ? qa[0][1] : 0u, 0u, 0u};
     wgmma_fence();
     wgmma_b1_m64nNk256_rs<kQkKeys>(
         sc, qa4, WgmmaKBits::desc(smem_u32(st + Tr::kOffKBits)) + WgmmaKBits::key_step(chunk * kQkKeys));
@@ -777,20 +895,28 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 
   // Issues one commit group of P.V: wgmma for the k16 steps step0 .. step0 + kSteps - 1 of the
   // tile, then waits until only this group may still be in flight.
-  template <int kSteps>
+  // kRowSums (the P table): also the row sums of pa and of the remainders *pl (ones products).
+  template <int kSteps, bool kRowSums = false>
   __device__ __forceinline__ void pv_wgmma_group(uint32_t (&pa)[kSteps][kMT][4], uint64_t desc0,
-                                                 int step0) {
+                                                 int step0, uint32_t (*pl)[kSteps][kMT][4] = nullptr) {
     // PTX: a wgmma.fence between the register writes (P, a rescaled accumulator) and the wgmma
     // that reads them; reg_fence keeps the compiler from sinking those writes past the fence.
 #pragma unroll
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) reg_fence_u32(pa[s][0][q]);
+      for (int q = 0; q < 4; ++q) {
+        reg_fence_u32(pa[s][0][q]);
+        if constexpr (kRowSums) reg_fence_u32((*pl)[s][0][q]);
+      }
     fence_accumulator();
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       wgmma_m64nNk16_rs<Tr::kDvPad, kBF>(o[0], pa[s][0], desc0 + uint64_t(step0 + s) * VLayout::kStepDesc);
+      if constexpr (kRowSums) {
+        wgmma_m64nNk16_rs<8, kBF>(lsum, pa[s][0], ones_desc);
+        wgmma_m64nNk16_rs<8, kBF>(lsum, (*pl)[s][0], ones_desc);
+      }
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -808,6 +934,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int nd = 0; nd < Tr::kDvBlocks; ++nd)
 #pragma unroll
       for (int e = 0; e < 4; ++e) reg_fence(o[0][nd][e]);
+    if constexpr (kPTable) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(lsum[0][e]);
+    }
   }
 
   // ============================================================================== online max

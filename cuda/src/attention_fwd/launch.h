@@ -161,6 +161,11 @@ template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, BoundedShape kSh
           int kWgmmaWideBlocks = 2>
 cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
   constexpr int kB = kWgmmaWideBlocks;
+  if constexpr (kWgmma && !kRelPos && kShape == BoundedShape::kNarrow) {  // (narrow only: NOTES v12)
+    if (args.d <= 64 && fwd_p_table_wanted(args)) {
+      return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, false, kShape, true, kB, true>>(args, stream);
+    }
+  }
   if (args.d <= 64) {
     return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, kRelPos, kShape, kWgmma, kB>>(args, stream);
   }

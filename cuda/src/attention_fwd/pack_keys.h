@@ -131,6 +131,10 @@ __global__ void __launch_bounds__(kPackThreads)
     for (int q = 0; q < 4; ++q) {
       if (q < a.k_words / 2) kb[c + 8 * q] = static_cast<unsigned char>(bytes[i][q]);
     }
+    // d <= 64: words 2-3 (zero for every reader of words 0-1, and ANDed with zero Q words past d
+    // by the others) hold the complement ~k within d, for the P table's p(~q & ~k)
+    // (kernel_bounded.h). Rows past Nk get all d bits: their keys are masked.
+    if (d_bytes <= 8) kb[c + 8] = c < d_bytes ? static_cast<unsigned char>(~bytes[i][0]) : 0;
     if (c == 0) {
       // -(1.5 * 2^24) - 2 p(k_j): exact in fp32 (2-unit steps in that binade), see kernel.h.
       a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));

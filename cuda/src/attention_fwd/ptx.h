@@ -135,13 +135,28 @@ __device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x):
 __device__ __forceinline__ void reg_fence_u32(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
 
 // D(64 x N, f32) += A(64 x 16, registers) * B(16 x N, shared memory, MN-major: imm-trans-b = 1),
-// N = 64, 72, 80, 96, 128 (the f16/bf16 shapes with N a multiple of 8 that the bounded kernel
-// uses for Dv). The operand lists below are written out per N (N / 2 accumulator registers).
+// N = 8 (the P table's row sums), 64, 72, 80, 96, 128 (the f16/bf16 shapes with N a multiple of
+// 8 that the bounded kernel uses for Dv). The operand lists below are written out per N (N / 2 accumulator registers).
 template <int kN, bool kBF16>
 __device__ __forceinline__ void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4],
                                                   uint64_t desc_b) {
-  static_assert(kN == 64 || kN == 72 || kN == 80 || kN == 96 || kN == 128, "wgmma n");
+  static_assert(kN == 8 || kN == 64 || kN == 72 || kN == 80 || kN == 96 || kN == 128, "wgmma n");
 #if defined(BINFORMER_FWD_WGMMA_CODE)
+  if constexpr (kN == 8) {  // (the P table's row sums: P times a ones matrix, kernel_bounded.h)
+#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
+  asm volatile(                                                                               \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                             \
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPE "." TYPE " "                         \
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 1;\n}\n"                              \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])                             \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
+    if constexpr (kBF16) {
+      BINFORMER_WGMMA_ASM("bf16");
+    } else {
+      BINFORMER_WGMMA_ASM("f16");
+    }
+#undef BINFORMER_WGMMA_ASM
+  }
   if constexpr (kN == 64) {
 #define BINFORMER_WGMMA_ASM(TYPE)                                                             \
   asm volatile(                                                                               \
@@ -350,6 +365,15 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t add
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+
+// A load from shared memory that never changes after the block's first barrier (the P table):
+// not volatile and without a memory clobber, so that the compiler may schedule it freely across
+// the wgmma fences (asm volatile statements keep their order among themselves).
+__device__ __forceinline__ uint32_t lds_u32_invariant(uint32_t addr) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
 

@@ -51,6 +51,7 @@ struct Case {
   // the buffer (the epilogue's staged / vector / scalar stores, chosen from the alignment as
   // attention_fwd.cu does), V starting v_offset elements in (odd: the synchronous V copies).
   int out_pad = 0, out_offset = 0, v_offset = 0;
+  bool p_table = true;  // wgmma kernels: the P table where eligible (else ex2 throughout)
   uint32_t seed = 1;
 };
 
@@ -106,7 +107,12 @@ void launch(FwdArgs args) {
 
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
           bool kMasked = false>
-void dispatch(FwdArgs& args) {
+void dispatch(FwdArgs& args, bool p_table = false) {
+  if constexpr (kWgmma && !kRelPos && !kMasked && kShape == BoundedShape::kNarrow) {  // as launch.h
+    if (p_table && args.d <= 64 && fwd_p_table_wanted(args)) {
+      return launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, false, kShape, true, 2, true>>(args);
+    }
+  }
   if (args.d <= 64) launch<FwdTraits<kDv, kPv, kMasked, false, QK::kDup128, kRelPos, kShape, kWgmma>>(args);
   else if (args.d <= 128) launch<FwdTraits<kDv, kPv, kMasked, false, QK::kK128, kRelPos, kShape, kWgmma>>(args);
   else launch<FwdTraits<kDv, kPv, kMasked, false, QK::kK256, kRelPos, kShape, kWgmma>>(args);
@@ -114,14 +120,14 @@ void dispatch(FwdArgs& args) {
 
 // kMasked: the padded width kDv with dv < kDv (masked V copies and output channels).
 template <int kDv, PvKind kPv, bool kRelPos, bool kMasked = false>
-void dispatch_kernel(FwdArgs& args, Kernel kernel) {
+void dispatch_kernel(FwdArgs& args, Kernel kernel, bool p_table) {
   const bool ptk = args.k_scale_abs != nullptr;
   if (kernel == Kernel::kBounded) {
     dispatch<kDv, kPv, kRelPos, false, BoundedShape::kWide, kMasked>(args);
   } else if (kernel == Kernel::kWgmma) {
     if constexpr (!kMasked && (kDv == 64 || kDv == 72 || kDv == 80 || kDv == 96 || kDv == 128)) {
       const long long before = wgmma_emulation::wgmma_issued_total();
-      dispatch<kDv, kPv, kRelPos, true>(args);
+      dispatch<kDv, kPv, kRelPos, true>(args, p_table);
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();  // the wgmma path must have run
     } else {
       std::abort();  // (Dv = 64 .. 128 only)
@@ -129,7 +135,7 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
   } else if (kernel == Kernel::kWgmmaNarrow) {
     if constexpr (kDv == 64) {
       const long long before = wgmma_emulation::wgmma_issued_total();
-      dispatch<kDv, kPv, kRelPos, true, BoundedShape::kNarrow>(args);
+      dispatch<kDv, kPv, kRelPos, true, BoundedShape::kNarrow>(args, p_table);
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();
     } else {
       std::abort();  // (Dv = 64 only)
@@ -144,14 +150,14 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel) {
 }
 
 template <PvKind kPv, bool kRelPos>
-void dispatch_dv(FwdArgs& args, Kernel kernel) {
-  if (args.dv == 64) dispatch_kernel<64, kPv, kRelPos>(args, kernel);
-  else if (args.dv == 32) dispatch_kernel<32, kPv, kRelPos>(args, kernel);
-  else if (args.dv == 72) dispatch_kernel<72, kPv, kRelPos>(args, kernel);
-  else if (args.dv == 80) dispatch_kernel<80, kPv, kRelPos>(args, kernel);
-  else if (args.dv == 96) dispatch_kernel<96, kPv, kRelPos>(args, kernel);
-  else if (args.dv == 128) dispatch_kernel<128, kPv, kRelPos>(args, kernel);
-  else if (args.dv == 40) dispatch_kernel<64, kPv, kRelPos, true>(args, kernel);  // masked
+void dispatch_dv(FwdArgs& args, Kernel kernel, bool p_table) {
+  if (args.dv == 64) dispatch_kernel<64, kPv, kRelPos>(args, kernel, p_table);
+  else if (args.dv == 32) dispatch_kernel<32, kPv, kRelPos>(args, kernel, p_table);
+  else if (args.dv == 72) dispatch_kernel<72, kPv, kRelPos>(args, kernel, p_table);
+  else if (args.dv == 80) dispatch_kernel<80, kPv, kRelPos>(args, kernel, p_table);
+  else if (args.dv == 96) dispatch_kernel<96, kPv, kRelPos>(args, kernel, p_table);
+  else if (args.dv == 128) dispatch_kernel<128, kPv, kRelPos>(args, kernel, p_table);
+  else if (args.dv == 40) dispatch_kernel<64, kPv, kRelPos, true>(args, kernel, p_table);  // masked
   else std::abort();
 }
 
@@ -229,6 +235,12 @@ bool run_case(const Case& c) {
             k_bits[(size_t(bh) * nk_pad + j) * k_words + e / 32] |= 1u << (e % 32);
             ++pc;
           }
+        }
+      }
+      if (d <= 64) {  // words 2-3: ~k within d (the P table's operand, pack_keys.h)
+        uint32_t* row = &k_bits[(size_t(bh) * nk_pad + j) * k_words];
+        for (int e = 0; e < d; ++e) {
+          if (!((row[e / 32] >> (e % 32)) & 1u)) row[2 + e / 32] |= 1u << (e % 32);
         }
       }
       colc[size_t(bh) * nk_pad + j] = -(25165824.0f + 2.0f * float(pc));
@@ -331,9 +343,11 @@ bool run_case(const Case& c) {
   }
   args.causal = c.causal;
   if (c.bf16) {
-    c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel) : dispatch_dv<PvKind::kBF16, false>(args, c.kernel);
+    c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel, c.p_table)
+             : dispatch_dv<PvKind::kBF16, false>(args, c.kernel, c.p_table);
   } else {
-    c.relpos ? dispatch_dv<PvKind::kF16, true>(args, c.kernel) : dispatch_dv<PvKind::kF16, false>(args, c.kernel);
+    c.relpos ? dispatch_dv<PvKind::kF16, true>(args, c.kernel, c.p_table)
+             : dispatch_dv<PvKind::kF16, false>(args, c.kernel, c.p_table);
   }
 
   ref::RefProblem p;
@@ -378,9 +392,10 @@ bool run_case(const Case& c) {
     if (bad++ == 0) first = std::to_string(touched) + " elements written outside the output rows";
   }
   const long long nf = fwd_emulation::tiles_fixed.exchange(0), no = fwd_emulation::tiles_online.exchange(0);
-  std::printf("%s %-28s worst err/tol %.3g, fixed-max tiles %.0f%%%s%s\n", bad ? "FAIL" : "PASS",
+  const long long nt = fwd_emulation::tiles_table.exchange(0);
+  std::printf("%s %-28s worst err/tol %.3g, fixed-max tiles %.0f%% (P table %.0f%%)%s%s\n", bad ? "FAIL" : "PASS",
               c.name.c_str(), worst, 100.0 * double(nf) / double(std::max(1LL, nf + no)),
-              bad ? "; first: " : "", first.c_str());
+              100.0 * double(nt) / double(std::max(1LL, nf + no)), bad ? "; first: " : "", first.c_str());
   return bad == 0;
 }
 
@@ -494,6 +509,19 @@ int main(int argc, char** argv) {
     Case c; c.kernel = Kernel::kWgmmaNarrow; c.name = "narrow_vitb_197"; c.Nq = c.Nk = 197; nw.push_back(c);
     c.name = "narrow_d128_nk700_bf16"; c.d = 128; c.bf16 = true; c.Nq = 130; c.Nk = 700; nw.push_back(c);
     for (Case& w : nw) add(w);
+  }
+  {  // the ex2 fixed path where the P table would run (BINFORMER_FWD_PTABLE=0), on the wgmma shapes
+    std::vector<Case> nt;
+    for (const Case& c : cases) {
+      if (c.kernel != Kernel::kWgmma && c.kernel != Kernel::kWgmmaNarrow) continue;
+      if (c.name.find("switch_f16") == std::string::npos && c.name.find("top_bf16") == std::string::npos &&
+          c.name.find("long") == std::string::npos) continue;
+      Case w = c;
+      w.p_table = false;
+      w.name = "ex2_" + c.name;
+      nt.push_back(w);
+    }
+    for (Case& w : nt) add(w);
   }
   {  // output / V layouts: padded rows (16-byte aligned: the staged epilogue; 4-byte: pairs),
      // unaligned rows (scalar stores; V through the synchronous copies), a masked Dv (40 of 64)

@@ -54,8 +54,11 @@ inline bool vote(bool v, bool all) {
 }
 inline unsigned char* smem_base() { return bwd_emulation::dynamic_smem(); }
 // Thread-tiles processed with the fixed / online maximum (for the driver's coverage line).
-inline std::atomic<long long> tiles_fixed{0}, tiles_online{0};
-inline void count_tile(bool fixed) { (fixed ? tiles_fixed : tiles_online)++; }
+inline std::atomic<long long> tiles_fixed{0}, tiles_online{0}, tiles_table{0};
+inline void count_tile(bool fixed, bool table = false) {
+  (fixed ? tiles_fixed : tiles_online)++;
+  if (fixed && table) tiles_table++;
+}
 }  // namespace fwd_emulation
 
 inline bool __any_sync(unsigned mask, bool v) {
@@ -381,6 +384,14 @@ inline float lds_f32(uint32_t addr) {
   return v;
 }
 
+inline uint32_t lds_u32_invariant(uint32_t addr) {
+  if ((addr & 3u) != 0) std::abort();  // misaligned
+  smem_ptr(addr + 3);
+  uint32_t v;
+  std::memcpy(&v, smem_ptr(addr), 4);
+  return v;
+}
+
 inline void st_shared_u32(uint32_t addr, uint32_t v) {
   if ((addr & 3u) != 0) std::abort();  // misaligned
   smem_ptr(addr + 3);
@@ -412,7 +423,19 @@ inline float ex2_approx(float x) {
   return std::fabs(y) < 1.17549435e-38f ? 0.0f : y;
 }
 inline uint32_t cvt_tf32(float) { std::abort(); }
-inline uint32_t prmt(uint32_t, uint32_t, uint32_t) { std::abort(); }
+// prmt.b32 (default mode): byte i of the result is byte (selector nibble i & 7) of {b, a}, or its
+// sign replicated when bit 3 of the nibble is set.
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  const uint64_t src = uint64_t(a) | (uint64_t(b) << 32);
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned nib = (selector >> (4 * i)) & 0xFu;
+    uint32_t byte = uint32_t(src >> (8 * (nib & 7u))) & 0xFFu;
+    if (nib & 8u) byte = (byte & 0x80u) ? 0xFFu : 0u;
+    d |= byte << (8 * i);
+  }
+  return d;
+}
 
 template <bool kBF16>
 inline uint32_t pack_pair(float x, float y) {
