@@ -35,6 +35,10 @@
 // addend is the table entry and -p(q_i) is added to the bits (one IADD); d > 64 (no room to
 // duplicate) rebuilds the bits with one IMAD: 2 p(q & k) + 0x4BC00000 - p(q_i).
 //
+// sm_90a, d <= 128 without rel-pos: the fixed tiles take 2 p(q & k) from the asynchronous b1
+// wgmma instead (qk_wgmma.h; one IMAD per element rebuilds the same float bits), and with one row
+// factor per head at d <= 64 the narrow kernel reads P from a table ("P table" below, NOTES v12).
+//
 // sm_90a (Tr::kWgmma, pv_wgmma.h): the same kernel with P.V on wgmma. Differences: V tiles in the
 // 128-byte-swizzled layout; every decision that selects a code path containing a wgmma (fixed /
 // online, masked steps) is uniform per warpgroup (wgmma is .aligned: all 4 warps must execute the
