@@ -98,7 +98,7 @@ struct FwdTraits {
   // The wgmma kernels at Dv = 72..128 hold no V fragments either: kWgmmaWideBlocks_ blocks of 8
   // warps per SM (2: 128 registers, a few spills at Dv = 128; 1: up to 255 registers).
   static constexpr int kMinBlocksPerSm =
-      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : kMTiles == 1 ? (kPTable_ ? 3 : BINFORMER_FWD_SM90_NARROW_BLOCKS) : 3)
+      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : kMTiles == 1 ? (kPTable_ ? BINFORMER_FWD_PTABLE_BLOCKS : BINFORMER_FWD_SM90_NARROW_BLOCKS) : 3)
       : kWgmma                 ? kWgmmaWideBlocks_
                                : (kThreads >= 256 ? 1 : 2);
 

@@ -49,6 +49,10 @@
 #ifndef BINFORMER_FWD_SM90_NARROW_BLOCKS
 #define BINFORMER_FWD_SM90_NARROW_BLOCKS 4
 #endif
+// Blocks per SM of the narrow P-table kernel (3 -> 168 registers; at 4 ptxas serialized its wgmma).
+#ifndef BINFORMER_FWD_PTABLE_BLOCKS
+#define BINFORMER_FWD_PTABLE_BLOCKS 3
+#endif
 #ifndef BINFORMER_FWD_SM90_NARROW_MIN_NK
 #define BINFORMER_FWD_SM90_NARROW_MIN_NK 1024
 #endif
