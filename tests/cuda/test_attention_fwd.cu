@@ -992,15 +992,14 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
                          case_test_name);
 
-// The narrow one-warpgroup block of the wgmma kernels (v8: 64 rows, 4 blocks per SM; v13: Dv =
-// 72..128 too, without rel-pos; launch.h takes it without rel-pos for Nk >=
-// BINFORMER_FWD_SM90_NARROW_MIN_NK unless BINFORMER_FWD_SM90_NARROW says otherwise): forced with
-// BINFORMER_FWD_SM90_NARROW=1 on every Dv = 64 case above (causal, rel-pos, bf16, every QK^T form,
-// the long ones too) and every Dv = 72..128 case without rel-pos.
+// The narrow one-warpgroup block of the Dv = 64 wgmma kernel (v8: 64 rows, 4 blocks per SM;
+// launch.h takes it without rel-pos for Nk >= BINFORMER_FWD_SM90_NARROW_MIN_NK unless BINFORMER_FWD_SM90_NARROW
+// says otherwise): forced with BINFORMER_FWD_SM90_NARROW=1 on every Dv = 64 case above (causal,
+// rel-pos, bf16, every QK^T form, the long ones too).
 std::vector<Case> sm90_narrow_cases() {
   std::vector<Case> cs;
   for (Case c : sm90_cases()) {
-    if (c.dv != 64 && c.relpos) continue;  // (Dv = 72..128: no narrow rel-pos kernel, launch.h)
+    if (c.dv != 64) continue;
     c.name = "narrow_" + c.name.substr(5);
     cs.push_back(c);
   }

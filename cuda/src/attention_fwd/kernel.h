@@ -77,8 +77,8 @@ struct FwdTraits {
                             (kDvPad_ == 64 || kDvPad_ == 72 || kDvPad_ == 80 || kDvPad_ == 96 ||
                              kDvPad_ == 128)),
                 "wgmma P.V: bounded kernels, one m-tile per warp, Dv = 64..128 exactly");
-  static_assert(kBoundedShape_ != BoundedShape::kNarrow || (kBounded && (kDvPad_ <= 64 || kWgmma_)),
-                "the narrow (one-warpgroup) block shape: bounded kernels at Dv <= 64, wgmma above");
+  static_assert(kBoundedShape_ != BoundedShape::kNarrow || (kBounded && kDvPad_ <= 64),
+                "the narrow (one-warpgroup) block shape: bounded kernels at Dv <= 64");
   static constexpr BoundedShape kBoundedShape = kBoundedShape_;
   static constexpr TileShape kShape =
       kBounded ? fwd_bounded_tile_shape(kDvPad, kBoundedShape_) : fwd_tile_shape(kPv, kDvPad, kHasBias);
@@ -96,16 +96,9 @@ struct FwdTraits {
   // The P table kernel (narrow only) runs 3 blocks per SM: at 128 registers ptxas serialized its
   // wgmma (C7512).
   // The wgmma kernels at Dv = 72..128 hold no V fragments either: kWgmmaWideBlocks_ blocks of 8
-  // warps per SM (2: 128 registers, a few spills at Dv = 128; 1: up to 255 registers), or on the
-  // narrow shape 4 blocks (128 registers) at Dv <= 80 and 3 (168) at Dv = 96, 128, where 128
-  // registers spill (96) or serialize the wgmma (128, C7512; NOTES v13).
-  static constexpr bool kNarrowShape = kBoundedShape_ == BoundedShape::kNarrow;
-  static constexpr int kNarrowBlocks =
-      kPTable_ ? BINFORMER_FWD_PTABLE_BLOCKS
-               : (kDvPad <= 80 ? BINFORMER_FWD_SM90_NARROW_BLOCKS : BINFORMER_FWD_SM90_NARROW_DV96_BLOCKS);
+  // warps per SM (2: 128 registers, a few spills at Dv = 128; 1: up to 255 registers).
   static constexpr int kMinBlocksPerSm =
-      kBounded && kNarrowShape ? kNarrowBlocks
-      : kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : 3)
+      kBounded && kDvPad <= 64 ? (kWarps == 8 ? 2 : kMTiles == 1 ? (kPTable_ ? BINFORMER_FWD_PTABLE_BLOCKS : BINFORMER_FWD_SM90_NARROW_BLOCKS) : 3)
       : kWgmma                 ? kWgmmaWideBlocks_
                                : (kThreads >= 256 ? 1 : 2);
 

@@ -107,11 +107,10 @@ inline bool fwd_wgmma_requested() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// BINFORMER_FWD_SM90_NARROW (read at every call; the wgmma kernels): 1 runs every call on the
+// BINFORMER_FWD_SM90_NARROW (read at every call; Dv = 64 wgmma only): 1 runs every call on the
 // narrow one-warpgroup shape (64 rows, 4 blocks/SM; tile_config.h BoundedShape), 0 never (the
 // wide 128-row shape, 2 blocks/SM, as before v8); unset: narrow without rel-pos when Nk >=
-// BINFORMER_FWD_SM90_NARROW_MIN_NK (tile_config.h: the measurement behind it). At Dv = 72..128
-// (NOTES v13) the narrow shape has no rel-pos instantiation: rel-pos calls stay wide there.
+// BINFORMER_FWD_SM90_NARROW_MIN_NK (tile_config.h: the measurement behind it).
 inline bool fwd_wgmma_narrow(const FwdArgs& args) {
   const char* env = std::getenv("BINFORMER_FWD_SM90_NARROW");
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
@@ -204,8 +203,6 @@ cudaError_t run_bounded(FwdArgs args, cudaStream_t stream, bool& launched) {
       if constexpr (kDvPad == 64) {
         err = fwd_wgmma_narrow(args) ? run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kNarrow, true>(args, stream)
                                      : run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide, true>(args, stream);
-      } else if (!kRelPos && fwd_wgmma_narrow(args)) {  // (Dv = 72..128: narrow without rel-pos only)
-        err = run_bounded_qk<kDvPad, kPv, kDvMasked, false, S::kNarrow, true>(args, stream);
       } else {
         err = wide_mode == 1 ? run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide, true, 2>(args, stream)
                              : run_bounded_qk<kDvPad, kPv, kDvMasked, kRelPos, S::kWide, true, 1>(args, stream);

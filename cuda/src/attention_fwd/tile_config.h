@@ -53,15 +53,6 @@
 #ifndef BINFORMER_FWD_PTABLE_BLOCKS
 #define BINFORMER_FWD_PTABLE_BLOCKS 3
 #endif
-// Key tile of the narrow shape at Dv = 72..128 (the wide shape there keeps 64-key tiles).
-#ifndef BINFORMER_FWD_SM90_NARROW_DV_BLOCK_N
-#define BINFORMER_FWD_SM90_NARROW_DV_BLOCK_N 64
-#endif
-// Blocks per SM of the narrow shape at Dv = 96, 128 (at 4 blocks = 128 registers Dv = 96 spills
-// 288 bytes and Dv = 128 serializes its wgmma, C7512).
-#ifndef BINFORMER_FWD_SM90_NARROW_DV96_BLOCKS
-#define BINFORMER_FWD_SM90_NARROW_DV96_BLOCKS 3
-#endif
 #ifndef BINFORMER_FWD_SM90_NARROW_MIN_NK
 #define BINFORMER_FWD_SM90_NARROW_MIN_NK 1024
 #endif
@@ -132,8 +123,6 @@ BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad, BoundedS
     const int warps = shape == BoundedShape::kWide ? 8 : 4;
     return TileShape{warps, shape == BoundedShape::k4x2 ? 2 : 1, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
   }
-  // Dv = 72..128: the narrow shape (wgmma only) is one warpgroup of 64 rows, as at Dv = 64.
-  if (shape == BoundedShape::kNarrow) return TileShape{4, 1, BINFORMER_FWD_SM90_NARROW_DV_BLOCK_N, st};
   return TileShape{8, 1, dv_pad <= 128 ? 64 : 32, st};
 }
 

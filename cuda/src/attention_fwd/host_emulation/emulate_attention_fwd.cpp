@@ -29,7 +29,7 @@ namespace ref = binformer::test::attention_fwd_ref;
 namespace {
 
 // kOnlineBias: rel-pos via kernel.h; kWgmma: the bounded kernel's sm_90a variant (Dv = 64..128);
-// kWgmmaNarrow: the same on the narrow one-warpgroup block (64 rows; Dv = 64, and 72..128 without rel-pos).
+// kWgmmaNarrow: the same on the narrow one-warpgroup block (64 rows, Dv = 64).
 enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma, kWgmmaNarrow };
 
 struct Case {
@@ -133,13 +133,12 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel, bool p_table) {
       std::abort();  // (Dv = 64 .. 128 only)
     }
   } else if (kernel == Kernel::kWgmmaNarrow) {
-    // (Dv = 72..128: narrow without rel-pos only, as launch.h)
-    if constexpr (!kMasked && (kDv == 64 || ((kDv == 72 || kDv == 80 || kDv == 96 || kDv == 128) && !kRelPos))) {
+    if constexpr (kDv == 64) {
       const long long before = wgmma_emulation::wgmma_issued_total();
       dispatch<kDv, kPv, kRelPos, true, BoundedShape::kNarrow>(args, p_table);
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();
     } else {
-      std::abort();  // (Dv = 64, or 72..128 without rel-pos)
+      std::abort();  // (Dv = 64 only)
     }
   } else if (kernel == Kernel::kOnline) {
     using Tr = FwdTraits<kDv, kPv, kMasked, false>;
@@ -501,7 +500,7 @@ int main(int argc, char** argv) {
      // form over 6 key tiles
     std::vector<Case> nw;
     for (const Case& c : cases) {
-      if (c.kernel != Kernel::kWgmma || (c.dv != 64 && c.relpos)) continue;
+      if (c.kernel != Kernel::kWgmma || c.dv != 64) continue;
       Case w = c;
       w.kernel = Kernel::kWgmmaNarrow;
       w.name.replace(w.name.find("wgmma_"), 6, "narrow_");
