@@ -56,15 +56,9 @@
 #ifndef BINFORMER_FWD_QK_WGMMA
 #define BINFORMER_FWD_QK_WGMMA 1
 #endif
-// sm_90a: 16-key steps per wgmma commit group (1 or 2; the online path uses its 32-key chunks),
-// at Dv = 64 and at Dv = 72..128. Dv > 64 takes 1: with 2, the 128-register kernels kept loop
-// values in local memory (Dv 72: two reloads per tile, 8% of DiT's stall samples; Dv 96: 216
-// bytes of spill loads) or serialized their wgmma (Dv 128, C7512); NOTES v13.
+// sm_90a: 16-key steps per wgmma commit group (1 or 2; the online path uses its 32-key chunks).
 #ifndef BINFORMER_FWD_WGMMA_GROUP_STEPS
 #define BINFORMER_FWD_WGMMA_GROUP_STEPS 2
-#endif
-#ifndef BINFORMER_FWD_WGMMA_GROUP_STEPS_WIDE_DV
-#define BINFORMER_FWD_WGMMA_GROUP_STEPS_WIDE_DV 1
 #endif
 
 namespace binformer::cuda::fwd {
@@ -104,8 +98,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr bool kBF = Tr::kPv == PvKind::kBF16;
   static constexpr int kKPitch = Tr::kKPitchWords;
   static constexpr bool kWgmma = Tr::kWgmma;
-  static constexpr int kGroupSteps =
-      Tr::kDvPad > 64 ? BINFORMER_FWD_WGMMA_GROUP_STEPS_WIDE_DV : BINFORMER_FWD_WGMMA_GROUP_STEPS;
+  static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
   // sm_90a, d <= 128: QK^T of the fixed-maximum tiles on the b1 wgmma (qk_wgmma.h); the online
   // tiles keep mma.sync. (A compile-time switch: a run-time one costs the registers of both paths.)
   static constexpr bool kQkWgmma =
