@@ -110,30 +110,12 @@ __global__ void __launch_bounds__(kPackThreads)
   for (int q = 0; q < 4; ++q) {
     if (8 * q >= d_bytes) break;
     const bool chunk_ok = c + 8 * q < d_bytes;
-    constexpr bool k16 = kDtype == DType::kFloat16 || kDtype == DType::kBFloat16;
-    if constexpr (kVec && k16) {
-      // the raw 16-byte chunks first, the sign bytes after (else ptxas converted each load's
-      // data before issuing the next load)
-      uint4 raw[kPackRowsPerThread];
 #pragma unroll
-      for (int i = 0; i < kPackRowsPerThread; ++i) {
-        const int j = min(j0 + i * (kPackThreads / 8), a.Nk - 1);
-        raw[i] = __ldg(reinterpret_cast<const uint4*>(k_head + int64_t(j) * a.k_stride[2] * esize) +
-                       (chunk_ok ? c + 8 * q : 0));
-      }
-#pragma unroll
-      for (int i = 0; i < kPackRowsPerThread; ++i) {
-        const uint32_t v = signs_of_8x16<kDtype == DType::kBFloat16>(raw[i]);
-        bytes[i][q] = chunk_ok && j0 + i * (kPackThreads / 8) < a.Nk ? v : 0u;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPackRowsPerThread; ++i) {
-        const int j = j0 + i * (kPackThreads / 8);
-        const char* k_row = k_head + int64_t(min(j, a.Nk - 1)) * a.k_stride[2] * esize;
-        const uint32_t v = load_sign_byte(k_row, kDtype, chunk_ok ? c + 8 * q : 0, kVec);
-        bytes[i][q] = chunk_ok && j < a.Nk ? v : 0u;
-      }
+    for (int i = 0; i < kPackRowsPerThread; ++i) {
+      const int j = j0 + i * (kPackThreads / 8);
+      const char* k_row = k_head + int64_t(min(j, a.Nk - 1)) * a.k_stride[2] * esize;
+      const uint32_t v = load_sign_byte(k_row, kDtype, chunk_ok ? c + 8 * q : 0, kVec);
+      bytes[i][q] = chunk_ok && j < a.Nk ? v : 0u;
     }
   }
 #pragma unroll

@@ -37,43 +37,10 @@ __device__ __forceinline__ uint32_t negative_pair_bits(uint32_t w) {
   return w & (mag + 0x7FFF7FFFu) & ~(mag + kNanAdd) & 0x80008000u;
 }
 
-// 0xFFFF in each 16-bit half of w that is < 0 (NaN and -0 are not): one packed compare
-// (HSET2.BM). fp16 from sm_53; bf16x2 compares need sm_90. kPackedCompare says whether it exists.
-template <bool kBF16>
-struct PackedLess {
-#if defined(__CUDA_ARCH__) && !defined(BINFORMER_FWD_HOST_EMULATION)
-  static constexpr bool kPackedCompare = !kBF16 || __CUDA_ARCH__ >= 900;
-#else
-  static constexpr bool kPackedCompare = false;
-#endif
-  __device__ __forceinline__ static uint32_t negative_mask(uint32_t w) {
-    uint32_t m = 0;
-#if defined(__CUDA_ARCH__) && !defined(BINFORMER_FWD_HOST_EMULATION)
-    if constexpr (kBF16) {
-#if __CUDA_ARCH__ >= 900
-      asm("set.lt.u32.bf16x2 %0, %1, %2;" : "=r"(m) : "r"(w), "r"(0u));
-#endif
-    } else {
-      asm("set.lt.u32.f16x2 %0, %1, %2;" : "=r"(m) : "r"(w), "r"(0u));
-    }
-#endif
-    return m;
-  }
-};
-
 // Signs of 8 consecutive 16-bit elements held in a uint4 (element e in bits 16*(e%2) of word e/2):
-// with packed compares (4 HSET2 + ~6 logic ops, NOTES v13), else ~5 integer instructions per pair
-// instead of ~5 per element (the per-element test of sign_bit_f16).
+// ~5 instructions per pair instead of ~5 per element (the per-element test of sign_bit_f16).
 template <bool kBF16>
 __device__ __forceinline__ uint32_t signs_of_8x16(uint4 v) {
-  if constexpr (PackedLess<kBF16>::kPackedCompare) {
-    // element 2i at bit 2i, element 2i + 1 at bit 16 + 2i + 1
-    const uint32_t n = (PackedLess<kBF16>::negative_mask(v.x) & 0x00020001u) |
-                       (PackedLess<kBF16>::negative_mask(v.y) & 0x00080004u) |
-                       (PackedLess<kBF16>::negative_mask(v.z) & 0x00200010u) |
-                       (PackedLess<kBF16>::negative_mask(v.w) & 0x00800040u);
-    return ~(n | (n >> 16)) & 0xFFu;
-  }
   // element 2i at bit 2i, element 2i + 1 at bit 16 + 2i
   const uint32_t n = (negative_pair_bits<kBF16>(v.x) >> 15) | (negative_pair_bits<kBF16>(v.y) >> 13) |
                      (negative_pair_bits<kBF16>(v.z) >> 11) | (negative_pair_bits<kBF16>(v.w) >> 9);
