@@ -351,24 +351,74 @@ struct FwdBlock {
     *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 
+  // Sign bytes of the block's Q rows into the Q stage: row r's 32-byte slot holds 8 words; bytes
+  // past d (and rows past Nq) are zero, rows with scale * a_i < 0 get their d bits flipped. The
+  // fragments read the first kQBytes bytes of a slot (the rest is written zero).
+  // Every load is unconditional (out-of-range bytes read row m0's byte 0, which exists, and are
+  // zeroed afterwards), so that all of a thread's loads of an 8-byte group are in flight
+  // together: loads under a branch were issued one DRAM round trip after another (ncu, ViT-B:
+  // 18% of the bounded kernel's stall samples; NOTES v13).
+  template <int kQBytes>
+  __device__ __forceinline__ void pack_q_signs(int tid) {
+    const bool vec = a.q_vec_ok;
+    switch (a.q_dtype) {
+      case DType::kFloat16: vec ? pack_q_bytes<kQBytes, DType::kFloat16, true>(tid) : pack_q_bytes<kQBytes, DType::kFloat16, false>(tid); break;
+      case DType::kBFloat16: vec ? pack_q_bytes<kQBytes, DType::kBFloat16, true>(tid) : pack_q_bytes<kQBytes, DType::kBFloat16, false>(tid); break;
+      case DType::kFloat32: vec ? pack_q_bytes<kQBytes, DType::kFloat32, true>(tid) : pack_q_bytes<kQBytes, DType::kFloat32, false>(tid); break;
+      default: pack_q_bytes<kQBytes, DType::kBits, false>(tid); break;
+    }
+  }
+  template <int kQBytes, DType kDtype, bool kVec>
+  __device__ __forceinline__ void pack_q_bytes(int tid) {
+    unsigned char* sq = smem + Tr::kOffQ;
+    const int q_elem = kDtype == DType::kFloat32 || kDtype == DType::kBits ? 4 : 2;
+    const char* q_head = static_cast<const char*>(a.q) +
+                         (int64_t(b) * a.q_stride[0] + int64_t(h) * a.q_stride[1]) * q_elem;
+    const int d_bytes = a.d / 8;
+    // One 8-byte group of every row per pass: thread tid covers rows (tid + it kThreads) / 8.
+    static_assert(kQBytes % 8 == 0 && kQBytes <= 32 && (kBlockM * 8) % kThreads == 0, "whole Q-byte passes");
+    constexpr int kIters = kBlockM * 8 / kThreads;
+    bool flip[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int r = (tid + it * kThreads) / 8;
+      flip[it] = a.scale * query_factor(min(m0 + r, a.Nq - 1)) < 0.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < kQBytes / 8; ++q) {
+      uint32_t byte[kIters] = {};
+      if (8 * q < d_bytes) {  // (uniform)
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+          const int idx = tid + it * kThreads;
+          const int r = idx / 8, c = 8 * q + idx % 8, i = m0 + r;
+          const bool ok = i < a.Nq && c < d_bytes;
+          byte[it] = load_sign_byte(q_head + int64_t(ok ? i : m0) * a.q_stride[2] * q_elem, kDtype, ok ? c : 0, kVec);
+        }
+      }
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const int idx = tid + it * kThreads;
+        const int r = idx / 8, c = 8 * q + idx % 8, i = m0 + r;
+        const bool ok = 8 * q < d_bytes && i < a.Nq && c < d_bytes;
+        sq[r * 32 + c] = static_cast<unsigned char>(ok ? byte[it] ^ (flip[it] ? 0xFFu : 0u) : 0u);
+      }
+    }
+    // Words past kQBytes are read for the popcount (always zero: write them).
+    if constexpr (kQBytes < 32) {
+      constexpr int kZeroWords = (32 - kQBytes) / 4;
+      uint32_t* sq32 = reinterpret_cast<uint32_t*>(sq);
+      for (int idx = tid; idx < kBlockM * kZeroWords; idx += kThreads) {
+        sq32[(idx / kZeroWords) * 8 + kQBytes / 4 + idx % kZeroWords] = 0u;
+      }
+    }
+  }
+
   // Packs the block's Q rows into shared memory, loads the fragments, the row constants and the
   // rel-pos table.
   __device__ __forceinline__ void prologue(int tid) {
-    uint32_t* sq = reinterpret_cast<uint32_t*>(smem + Tr::kOffQ);
-    const int q_elem = a.q_dtype == DType::kFloat32 || a.q_dtype == DType::kBits ? 4
-                       : 2;
-    const char* q_head = static_cast<const char*>(a.q) +
-                         (int64_t(b) * a.q_stride[0] + int64_t(h) * a.q_stride[1]) * q_elem;
-    for (int idx = tid; idx < kBlockM * 8; idx += kThreads) {
-      const int r = idx / 8, w = idx % 8, i = m0 + r;
-      uint32_t word = 0;
-      if (i < a.Nq && w < a.q_words) {
-        word = load_sign_word(q_head + int64_t(i) * a.q_stride[2] * q_elem, a.q_dtype, w, a.d,
-                              a.q_vec_ok);
-        if (a.scale * query_factor(i) < 0.0f) word ^= row_word_mask(w, a.d);
-      }
-      sq[idx] = word;
-    }
+    const uint32_t* sq = reinterpret_cast<const uint32_t*>(smem + Tr::kOffQ);
+    pack_q_signs<32>(tid);
     if constexpr (kHasBias) {
       if (a.relpos_table != nullptr && a.relpos_in_smem) {
         float* table = reinterpret_cast<float*>(smem + Tr::kSmemFixed);

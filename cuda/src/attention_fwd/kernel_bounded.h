@@ -438,13 +438,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // Q signs -> shared memory (one byte of 8 signs per load, all loads of a thread in flight
   // together), the rel-pos window to z units, then the fragments and the row constants.
   __device__ __forceinline__ void prologue(int tid) {
-    const bool vec = a.q_vec_ok;
-    switch (a.q_dtype) {
-      case DType::kFloat16: vec ? pack_q<DType::kFloat16, true>(tid) : pack_q<DType::kFloat16, false>(tid); break;
-      case DType::kBFloat16: vec ? pack_q<DType::kBFloat16, true>(tid) : pack_q<DType::kBFloat16, false>(tid); break;
-      case DType::kFloat32: vec ? pack_q<DType::kFloat32, true>(tid) : pack_q<DType::kFloat32, false>(tid); break;
-      default: pack_q<DType::kBits, false>(tid); break;
-    }
+    Base::template pack_q_signs<kQBytes>(tid);
     float rmax2 = 0.0f, rmin2 = 0.0f;  // the head's table range in log2 units
     range_ok = true;
     if constexpr (kRelPos) {
@@ -545,51 +539,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] = fixed ? 0.0f : -kInf;
-  }
-
-  // Sign bytes of the block's Q rows: row r's 32-byte slot holds 8 words; bytes past d (and
-  // rows past Nq) are zero. Rows with scale * a_i < 0 get their d bits flipped.
-  template <DType kDtype, bool kVec>
-  __device__ __forceinline__ void pack_q(int tid) {
-    unsigned char* sq = smem + Tr::kOffQ;
-    const int q_elem = kDtype == DType::kFloat32 || kDtype == DType::kBits ? 4 : 2;
-    const char* q_head = static_cast<const char*>(a.q) +
-                         (int64_t(b) * a.q_stride[0] + int64_t(h) * a.q_stride[1]) * q_elem;
-    const int d_bytes = a.d / 8;
-    constexpr int kTotal = kBlockM * kQBytes;
-    static_assert(kTotal % kThreads == 0, "whole Q-byte rounds");
-    constexpr int kIters = kTotal / kThreads;
-    // Every load is unconditional (out-of-range bytes read row m0's byte 0, which exists, and
-    // are zeroed afterwards), so that all of a thread's loads are in flight together: loads
-    // under a branch were issued one DRAM round trip after another (ncu, ViT-B: 18% of the
-    // kernel's stall samples; NOTES v13).
-    uint32_t byte[kIters];
-    float factor[kIters];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int idx = tid + it * kThreads;
-      const int r = idx / kQBytes, c = idx % kQBytes, i = m0 + r;
-      const bool ok = i < a.Nq && c < d_bytes;
-      const int i_load = ok ? i : m0;
-      byte[it] = load_sign_byte(q_head + int64_t(i_load) * a.q_stride[2] * q_elem, kDtype, ok ? c : 0, kVec);
-      factor[it] = this->query_factor(i_load);
-    }
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int idx = tid + it * kThreads;
-      const int r = idx / kQBytes, c = idx % kQBytes, i = m0 + r;
-      const bool ok = i < a.Nq && c < d_bytes;
-      const uint32_t flip = a.scale * factor[it] < 0.0f ? 0xFFu : 0u;
-      sq[r * 32 + c] = static_cast<unsigned char>(ok ? byte[it] ^ flip : 0u);
-    }
-    // Words past kQBytes are read for the popcount (always zero: write them).
-    if constexpr (kQBytes < 32) {
-      constexpr int kZeroWords = (32 - kQBytes) / 4;
-      uint32_t* sq32 = reinterpret_cast<uint32_t*>(sq);
-      for (int idx = tid; idx < kBlockM * kZeroWords; idx += kThreads) {
-        sq32[(idx / kZeroWords) * 8 + kQBytes / 4 + idx % kZeroWords] = 0u;
-      }
-    }
   }
 
   // ============================================================================== scores
