@@ -378,11 +378,11 @@ struct FwdBlock {
     // One 8-byte group of every row per pass: thread tid covers rows (tid + it kThreads) / 8.
     static_assert(kQBytes % 8 == 0 && kQBytes <= 32 && (kBlockM * 8) % kThreads == 0, "whole Q-byte passes");
     constexpr int kIters = kBlockM * 8 / kThreads;
-    bool flip[kIters];
+    float factor[kIters];  // (compared only where the bytes are stored: no wait before their loads)
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int r = (tid + it * kThreads) / 8;
-      flip[it] = a.scale * query_factor(min(m0 + r, a.Nq - 1)) < 0.0f;
+      factor[it] = query_factor(min(m0 + r, a.Nq - 1));
     }
 #pragma unroll
     for (int q = 0; q < kQBytes / 8; ++q) {
@@ -401,7 +401,7 @@ struct FwdBlock {
         const int idx = tid + it * kThreads;
         const int r = idx / 8, c = 8 * q + idx % 8, i = m0 + r;
         const bool ok = 8 * q < d_bytes && i < a.Nq && c < d_bytes;
-        sq[r * 32 + c] = static_cast<unsigned char>(ok ? byte[it] ^ (flip[it] ? 0xFFu : 0u) : 0u);
+        sq[r * 32 + c] = static_cast<unsigned char>(ok ? byte[it] ^ (a.scale * factor[it] < 0.0f ? 0xFFu : 0u) : 0u);
       }
     }
     // Words past kQBytes are read for the popcount (always zero: write them).
