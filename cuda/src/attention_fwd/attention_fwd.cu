@@ -171,7 +171,6 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   args.Nk = int(p.Nk);
   args.d = p.head_dim;
   args.dv = p.v_dim;
-  args.q_words = words_for(p.head_dim);
   args.k_words = p.head_dim <= 128 ? 4 : 8;
   args.q = p.q;
   args.q_dtype = p.q_dtype;

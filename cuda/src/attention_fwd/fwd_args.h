@@ -23,7 +23,6 @@ struct FwdArgs {
   int B, H, Nq, Nk;
   int d;             // sign bits per q/k row
   int dv;            // value channels (<= the kernel's padded width)
-  int q_words;       // ceil(d / 32): words of a packed row
   int k_words;       // 4 (d <= 128: one m16n8k128 b1 mma) or 8 (d <= 256: one m16n8k256)
   int num_m_blocks;  // ceil(Nq / block_m), filled in by the launcher
 

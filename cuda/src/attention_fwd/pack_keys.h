@@ -101,10 +101,12 @@ __global__ void __launch_bounds__(kPackThreads)
   float bj[kPackRowsPerThread];
 #pragma unroll
   for (int i = 0; i < kPackRowsPerThread; ++i) {
-    const int j = min(j0 + i * (kPackThreads / 8), a.Nk - 1);
-    bj[i] = a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
-                                         int64_t(h) * a.k_scale_stride[1] + int64_t(j) * a.k_scale_stride[2])
-                                 : 1.0f;
+    const int j = j0 + i * (kPackThreads / 8), j_load = min(j, a.Nk - 1);
+    const float scale = a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
+                                                     int64_t(h) * a.k_scale_stride[1] +
+                                                     int64_t(j_load) * a.k_scale_stride[2])
+                                             : 1.0f;
+    bj[i] = j < a.Nk ? scale : 1.0f;
   }
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -117,10 +119,6 @@ __global__ void __launch_bounds__(kPackThreads)
       const uint32_t v = load_sign_byte(k_row, kDtype, chunk_ok ? c + 8 * q : 0, kVec);
       bytes[i][q] = chunk_ok && j < a.Nk ? v : 0u;
     }
-  }
-#pragma unroll
-  for (int i = 0; i < kPackRowsPerThread; ++i) {
-    if (j0 + i * (kPackThreads / 8) >= a.Nk) bj[i] = 1.0f;
   }
   const int64_t row0 = int64_t(bh) * a.nk_pad;
 #pragma unroll

@@ -21,12 +21,6 @@ __device__ __forceinline__ uint32_t sign_bit_f32(uint32_t u) {
   return (u - 0x80000001u) > 0x7F7FFFFFu ? 1u : 0u;
 }
 
-// Valid-bit mask of word w of a d-bit row (w < ceil(d/32)).
-__device__ __forceinline__ uint32_t row_word_mask(int w, int d) {
-  const int n = d - 32 * w;
-  return n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
-}
-
 // Bits 15 and 31 of a word of two 16-bit elements: set where that element is < 0, i.e. sign set,
 // magnitude nonzero (-0 is not negative) and not NaN (magnitude above the infinity encoding), on
 // both halves at once: magnitudes are < 0x8000, so the adds never carry into the other half.
@@ -50,55 +44,6 @@ __device__ __forceinline__ uint32_t signs_of_8x16(uint4 v) {
 __device__ __forceinline__ uint32_t signs_of_4x32(uint4 v) {
   return sign_bit_f32(v.x) | (sign_bit_f32(v.y) << 1) | (sign_bit_f32(v.z) << 2) |
          (sign_bit_f32(v.w) << 3);
-}
-
-// Word w (w < ceil(d/32)) of the packed signs of one row. `row` points at element 0 of the row
-// in its own dtype (uint32 words for kBits). vec_ok: the row start is 16-byte aligned, so 8
-// elements (a multiple of 8 always fills the word's tail: d is a multiple of 8) load as vectors.
-// Prepacked words are masked to d bits so that stray pad bits never reach the AND-popcount.
-__device__ __forceinline__ uint32_t load_sign_word(const void* row, DType dtype, int w, int d,
-                                                   bool vec_ok) {
-  if (dtype == DType::kBits) {
-    return __ldg(static_cast<const uint32_t*>(row) + w) & row_word_mask(w, d);
-  }
-  const int first = 32 * w;
-  const int groups = min(32, d - first) / 8;  // groups of 8 elements in this word
-  uint32_t word = 0;
-  if (dtype == DType::kFloat32) {
-    const uint32_t* p = static_cast<const uint32_t*>(row) + first;
-    for (int gi = 0; gi < groups; ++gi) {
-      uint32_t bits;
-      if (vec_ok) {
-        const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p + 8 * gi));
-        const uint4 hi = __ldg(reinterpret_cast<const uint4*>(p + 8 * gi + 4));
-        bits = signs_of_4x32(lo) | (signs_of_4x32(hi) << 4);
-      } else {
-        bits = 0;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) bits |= sign_bit_f32(__ldg(p + 8 * gi + e)) << e;
-      }
-      word |= bits << (8 * gi);
-    }
-  } else {
-    const bool bf16 = dtype == DType::kBFloat16;
-    const uint16_t* p = static_cast<const uint16_t*>(row) + first;
-    for (int gi = 0; gi < groups; ++gi) {
-      uint32_t bits;
-      if (vec_ok) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + 8 * gi));
-        bits = bf16 ? signs_of_8x16<true>(v) : signs_of_8x16<false>(v);
-      } else {
-        bits = 0;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const uint32_t h = __ldg(p + 8 * gi + e);
-          bits |= (bf16 ? sign_bit_bf16(h) : sign_bit_f16(h)) << e;
-        }
-      }
-      word |= bits << (8 * gi);
-    }
-  }
-  return word;
 }
 
 // Signs of elements [8c, 8c + 8) of one row (8c < d; d is a multiple of 8, so the 8 bits never

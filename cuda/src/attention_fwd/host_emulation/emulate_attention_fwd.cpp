@@ -169,7 +169,6 @@ bool run_case(const Case& c) {
   std::normal_distribution<double> normal(0.0, 1.0);
   std::uniform_real_distribution<double> uni(0.0, 1.0);
   const int B = c.B, H = c.H, Nq = c.Nq, Nk = c.Nk, d = c.d, dv = c.dv;
-  const int W = (d + 31) / 32;
   // q as fp16 rows (packed in the kernel), k signs packed here, v fp16/bf16.
   std::vector<uint16_t> q(size_t(B) * H * Nq * d);
   std::vector<int8_t> qs(q.size()), ks(size_t(B) * H * Nk * d);
@@ -301,7 +300,7 @@ bool run_case(const Case& c) {
 
   FwdArgs args{};
   args.B = B; args.H = H; args.Nq = Nq; args.Nk = Nk; args.d = d; args.dv = dv;
-  args.q_words = W; args.k_words = k_words;
+  args.k_words = k_words;
   args.q = q.data(); args.q_dtype = DType::kFloat16;
   args.q_stride[2] = d; args.q_stride[1] = int64_t(Nq) * d; args.q_stride[0] = int64_t(H) * Nq * d;
   args.q_vec_ok = true;
