@@ -87,9 +87,10 @@ def bench_attention(names, use_flex: bool, ab_env: str | None = None):
             "flex": (lambda: flex(q, k, v)) if flex is not None else None,
             "sage": (lambda: sage(q, k, v, tensor_layout="HND", is_causal=False)) if sage is not None else None,
         }
-        if ab_env:  # A/B of a runtime switch in the same process: "<name>@env" rows
+        # A/B of runtime switches in the same process: one "<name>@NAME=VALUE" row per switch
+        for assignment in (ab_env.split(";") if ab_env else []):
             for m in ("binformer", "binformer_relpos"):
-                t[m + "@env"] = with_env(ab_env, t[m])
+                t[m + "@" + assignment] = with_env(assignment, t[m])
         for m, fn in t.items():
             if fn is None:
                 continue
@@ -149,7 +150,7 @@ def main():
     ap.add_argument("--out", default="bench/results/gpu_forward.json")
     ap.add_argument("--shapes", default=",".join(GPU_SHAPES))
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--ab-env", default=None, help="NAME=VALUE: also time binformer with this env switch set")
+    ap.add_argument("--ab-env", default=None, help="NAME=VALUE[;NAME=VALUE...]: also time binformer with each env switch set")
     ap.add_argument("--skip-pack-gemm", action="store_true")
     args = ap.parse_args()
     payload = dict(benchmark="gpu_forward_fp16", env=environment())

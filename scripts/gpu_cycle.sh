@@ -10,7 +10,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=" $* "
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/cycle.log"; }
-# Wheels carried in .whl (nvidia-cutlass for the headers, sageattention as a peer).
+# Wheels carried in .whl (nvidia-cutlass for the headers, sageattention as a peer; fetch them here with
+# `pip download --no-deps nvidia-cutlass sageattention -d .whl` and pass carry [".whl"]).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi

@@ -15,6 +15,16 @@ inline bool device_is_sm90() {
   return major == 9 && minor == 0;
 }
 
+// Compute capability major of the current device (0 when it cannot be read).
+inline int device_cc_major() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    return 0;
+  }
+  return major;
+}
+
 // Whether the loaded binary of `kernel` is sm_90a code (a build without 90a in
 // BINFORMER_CUDA_ARCHS would run PTX or sm_80 code, where the wgmma kernels' bodies are empty).
 template <class Kernel>

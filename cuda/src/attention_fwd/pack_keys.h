@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "binformer/params.h"
+#include "launch_overlap.h"
 #include "sign_pack.h"
 
 namespace binformer::cuda::fwd {
@@ -82,6 +83,9 @@ __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
 template <DType kDtype, bool kVec>
 __global__ void __launch_bounds__(kPackThreads)
     fwd_pack_keys_kernel(const __grid_constant__ PackKeysArgs a) {
+  // The attention kernel may launch once every block of this grid has started (launch.h): its
+  // blocks then take the SMs this grid's last wave leaves idle and wait for the workspace there.
+  griddep_launch_dependents();
   if (int64_t(blockIdx.x) >= a.pack_blocks) {
     relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
     return;
