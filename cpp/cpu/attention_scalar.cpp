@@ -93,6 +93,10 @@ struct ScoreTerms {
 }  // namespace
 
 // ------------------------------------------------------------------ forward
+// The row maximum with IEEE propagation: std::max(-inf, NaN) is -inf, so a row whose scores are
+// all NaN (a NaN scale) would look fully masked and return out = 0 instead of NaN.
+inline float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? a + b : std::max(a, b); }
+
 void attention_fwd_scalar(const AttentionFwdParams& p) {
   const int d = p.head_dim, dv = p.v_dim;
   BitRows q_bits, k_bits;
@@ -123,9 +127,9 @@ void attention_fwd_scalar(const AttentionFwdParams& p) {
             const int dot = sign_dot(qi, k_bits.row(b, h, j), d);
             const float s = row_coef * terms.col_factor(b, h, j) * float(dot) + terms.additive(b, h, i, j);
             scores[t] = s;
-            block_max = std::max(block_max, s);  // a NaN score is skipped here and poisons l below
+            block_max = nan_max(block_max, s);
           }
-          const float m_new = std::max(m, block_max);
+          const float m_new = nan_max(m, block_max);
           if (m_new == kNegInf) continue;  // everything so far masked: nothing to accumulate
           const float alpha = std::exp(m - m_new);  // m = -inf -> 0 (acc and l are 0 anyway)
           l *= alpha;

@@ -51,7 +51,7 @@ WorkspaceLayout workspace_layout(const AttentionFwdParams& p) { return fwd::fwd_
 bool per_token_k(const AttentionFwdParams& p) { return fwd::fwd_per_token_k(p); }
 
 // BINFORMER_FWD_PDL=0 (read at every call; A/B runs): the attention kernel starts only after the
-// K pre-pass has finished (no programmatic dependent launch, no prefetch: launch.h).
+// K pre-pass has finished (no programmatic dependent launch: launch.h).
 bool fwd_pdl_requested() {
   const char* env = std::getenv("BINFORMER_FWD_PDL");
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -269,11 +269,9 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   args.causal = p.causal;
   args.v_dequant = p.v_dequant;
-  // Overlap with the K pre-pass and L2 prefetch (launch_overlap.h) on sm_90 and newer, where the
-  // instructions exist: the kernel follows the pre-pass in the stream (Nk > 0).
+  // Overlap with the K pre-pass (launch_overlap.h) on sm_90 and newer, where the instructions
+  // exist: the kernel follows the pre-pass in the stream (Nk > 0).
   args.pdl = p.Nk > 0 && fwd_pdl_requested() && device_cc_major() >= 9;
-  args.prefetch_q = args.q_vec_ok && p.q_stride[2] == p.head_dim;
-  args.prefetch_v = args.v_async_ok && p.v_stride[2] == p.v_dim;
   return run_instance(config, args, stream);
 }
 

@@ -75,14 +75,7 @@ struct FwdArgs {
   bool causal;
   const float* v_dequant;  // [B,H,Dv] (pv_int8)
 
-  // Overlap (launch_overlap.h, kernel.h overlap_prologue; the bounded kernels). prefetch_ahead
-  // > 0: the blocks resident at once (the launcher's occupancy query); each block prefetches
-  // into L2 the Q rows (prefetch_q) and V (prefetch_v) of the block that many launches later.
-  // 0: no prefetch. prefetch_q / prefetch_v: those rows are contiguous per head and 16-byte
-  // aligned. pdl: launched as a programmatic dependent of the K pre-pass (sm_90+; the prefetch
-  // is used only then).
-  int prefetch_ahead;
-  bool prefetch_q, prefetch_v;
+  // Launched as a programmatic dependent of the K pre-pass (sm_90+; launch_overlap.h).
   bool pdl;
 };
 

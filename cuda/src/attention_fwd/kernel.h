@@ -227,54 +227,6 @@ struct FwdBlock {
     return kt;
   }
 
-  // L2 prefetch of a block's inputs (launch_overlap.h): its Q rows, and its head's V when it is
-  // the head's first block in launch order and V is at most kPrefetchVMaxBytes. Warp 0, one bulk
-  // prefetch of at most 16 KB per lane and step. The host sets prefetch_q / prefetch_v only for
-  // 16-byte aligned, contiguous rows, so every range lies inside q / v.
-  static constexpr uint32_t kPrefetchChunk = 16 * 1024;
-  static constexpr int64_t kPrefetchVMaxBytes = 512 * 1024;
-  __device__ __forceinline__ void prefetch_block_inputs(uint32_t block) const {
-    const int lane_id = threadIdx.x;  // (warp 0 only)
-    const uint32_t lbh = block / uint32_t(a.num_m_blocks);
-    const uint32_t first = block - lbh * uint32_t(a.num_m_blocks);
-    const int lm = a.causal ? a.num_m_blocks - 1 - int(first) : int(first);
-    const uint32_t lb = lbh / uint32_t(a.H), lh = lbh - lb * uint32_t(a.H);
-    auto prefetch = [&](const char* p, int64_t bytes) {
-      for (int64_t off = int64_t(lane_id) * kPrefetchChunk; off < bytes; off += 32 * int64_t(kPrefetchChunk)) {
-        prefetch_l2_bulk(p + off, uint32_t(min(int64_t(kPrefetchChunk), bytes - off)));
-      }
-    };
-    if (a.prefetch_q) {
-      const int q_elem = a.q_dtype == DType::kFloat32 ? 4 : 2;
-      const int rows0 = lm * kBlockM, rows = min(kBlockM, a.Nq - rows0);
-      prefetch(static_cast<const char*>(a.q) +
-                   (int64_t(lb) * a.q_stride[0] + int64_t(lh) * a.q_stride[1] + int64_t(rows0) * a.q_stride[2]) * q_elem,
-               int64_t(rows) * a.d * q_elem);
-    }
-    if constexpr (Tr::kVElemBytes >= 2) {  // (rows of dv * 2 or 4 bytes: whole 16-byte units)
-      const int64_t v_bytes = int64_t(a.Nk) * a.dv * Tr::kVElemBytes;
-      if (a.prefetch_v && first == 0 && v_bytes <= kPrefetchVMaxBytes) {
-        prefetch(static_cast<const char*>(a.v) +
-                     (int64_t(lb) * a.v_stride[0] + int64_t(lh) * a.v_stride[1]) * Tr::kVElemBytes,
-                 v_bytes);
-      }
-    }
-  }
-  // Before the first read of the K pre-pass's workspace: the blocks of the first wave (which may
-  // start while the pre-pass still runs, launch.h) prefetch their own inputs, every block those of
-  // the block prefetch_ahead launches later (about one wave: it starts when one of this wave's
-  // blocks ends), then the wait for the pre-pass.
-  // (-DBINFORMER_FWD_NO_PREFETCH compiles the prefetch out: the A/B baseline of its code cost.)
-  __device__ __forceinline__ void overlap_prologue(int tid) const {
-#if !defined(BINFORMER_FWD_NO_PREFETCH)
-    if (a.prefetch_ahead > 0 && tid < 32) {
-      if (blockIdx.x < uint32_t(a.prefetch_ahead)) prefetch_block_inputs(blockIdx.x);
-      if (blockIdx.x + uint32_t(a.prefetch_ahead) < gridDim.x) prefetch_block_inputs(blockIdx.x + a.prefetch_ahead);
-    }
-#endif
-    griddep_wait();
-  }
-
   __device__ void run() {
     const int tid = threadIdx.x;
     const KeyTiles kt = setup_block(tid);

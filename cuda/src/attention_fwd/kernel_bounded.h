@@ -163,7 +163,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       if (a.relpos_stream) relpos_stream_init();
       issue_table_window(tid);
     }
-    Base::overlap_prologue(tid);  // (prefetches; the K pre-pass's results are read from here on)
+    griddep_wait();  // (the K pre-pass's workspace is read from here on: launch_overlap.h)
 #pragma unroll
     for (int s = 0; s < Tr::kStages - 1; ++s) {
       if (s < n_tiles) load_tile_checked(s, n_tiles - 1 - s, tid, first_masked);

@@ -22,37 +22,6 @@ namespace binformer::cuda::fwd {
 // this size (very large grids) run the online bias kernel, which reads the table through L1.
 inline constexpr int kBoundedRelPosWindowCapBytes = 64 * 1024;
 
-// BINFORMER_FWD_PREFETCH=0 (read at every call; A/B runs): no L2 prefetch of later blocks' Q / V.
-inline bool fwd_prefetch_requested() {
-  const char* env = std::getenv("BINFORMER_FWD_PREFETCH");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
-// Blocks of `kernel` resident on the device at once (occupancy x SMs), cached per thread for
-// the last (kernel, smem, device) asked: the prefetch distance of the bounded kernels.
-template <class Kernel>
-int resident_blocks(Kernel kernel, int threads, size_t smem) {
-  thread_local const void* cached_kernel = nullptr;
-  thread_local size_t cached_smem = 0;
-  thread_local int cached_device = -1, cached_blocks = 0;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  const void* key = reinterpret_cast<const void*>(kernel);
-  if (key != cached_kernel || smem != cached_smem || dev != cached_device) {
-    int per_sm = 0, sms = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      (void)cudaGetLastError();  // (a failed query only turns the prefetch off)
-      return 0;
-    }
-    cached_kernel = key;
-    cached_smem = smem;
-    cached_device = dev;
-    cached_blocks = per_sm * sms;
-  }
-  return cached_blocks;
-}
-
 // One launch of a forward kernel. With args.pdl (attention_fwd.cu: right after the K pre-pass on
 // sm_90+) as a programmatic dependent launch: its blocks may start while the pre-pass's last
 // blocks run, and wait for the workspace at griddep_wait (launch_overlap.h).
@@ -66,11 +35,6 @@ cudaError_t launch_kernel(Kernel kernel, FwdArgs& args, size_t smem, cudaStream_
     if (err != cudaSuccess) return err;
   }
   const long long blocks = (long long)args.num_m_blocks * args.B * args.H;
-  args.prefetch_ahead = 0;
-  if (Tr::kBounded && args.pdl && (args.prefetch_q || args.prefetch_v) && fwd_prefetch_requested()) {
-    const int resident = resident_blocks(kernel, Tr::kThreads, smem);
-    if (resident > 0 && resident < blocks) args.prefetch_ahead = resident;
-  }
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(blocks));
   config.blockDim = dim3(Tr::kThreads);

@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <cstdio>
 
 #include "bwd_emulation.h"
 
@@ -59,24 +58,6 @@ inline std::atomic<long long> tiles_fixed{0}, tiles_online{0}, tiles_table{0};
 inline void count_tile(bool fixed, bool table = false) {
   (fixed ? tiles_fixed : tiles_online)++;
   if (fixed && table) tiles_table++;
-}
-// The byte ranges a case's L2 prefetches may touch (its q and v tensors, set by the driver): a
-// prefetch outside them, not 16-byte aligned or not whole 16-byte units aborts the run.
-struct ByteRange {
-  const char* lo;
-  const char* hi;
-};
-inline std::vector<ByteRange> prefetch_ranges;
-inline std::atomic<long long> prefetches{0};
-inline void check_prefetch(const void* p, uint32_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  bool inside = false;
-  for (const ByteRange& r : prefetch_ranges) inside = inside || (c >= r.lo && c + bytes <= r.hi);
-  if (!inside || bytes == 0 || bytes % 16 != 0 || reinterpret_cast<uintptr_t>(c) % 16 != 0) {
-    std::fprintf(stderr, "emulator: L2 prefetch of %u bytes at %p outside q / v or misaligned\n", bytes, p);
-    std::abort();
-  }
-  prefetches++;
 }
 }  // namespace fwd_emulation
 
