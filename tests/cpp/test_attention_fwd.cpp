@@ -286,6 +286,27 @@ TEST_P(Fwd, NonFiniteValuesPropagate) {
   }
 }
 
+// A NaN per-head scale makes every score of its head NaN: those rows are NaN (out and lse), not
+// fully masked (a maximum that skips NaN saw only -inf there and returned out = 0).
+TEST_P(Fwd, NaNScaleRowsPropagate) {
+  CaseSpec s;
+  s.B = 2; s.H = 2; s.Nq = 19; s.Nk = 70; s.d = 64; s.dv = 32; s.q_scale = ScaleMode::kPerHead;
+  s.seed = 970;
+  AttentionCase t = make_case(s);
+  t.q_scale[size_t(1 * t.q_scale_stride[0])] = std::numeric_limits<float>::quiet_NaN();  // (b 1, h 0)
+  IsaScope scope(GetParam());
+  const FwdResult r = run_forward(t);
+  for (int64_t bh = 0; bh < 4; ++bh)
+    for (int64_t i = 0; i < s.Nq; ++i) {
+      const bool nan_row = bh == 2;  // (b 1, h 0)
+      EXPECT_EQ(std::isnan(r.lse[size_t(bh * s.Nq + i)]), nan_row) << "lse bh" << bh << " i" << i;
+      for (int c = 0; c < s.dv; ++c) {
+        const double o = out_value(r, s.v_dtype, size_t((bh * s.Nq + i) * s.dv + c));
+        EXPECT_EQ(std::isnan(o), nan_row) << "out bh" << bh << " i" << i << " c" << c;
+      }
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Isa, Fwd, ::testing::ValuesIn(isa_names()));
 
 // The forward gives the same bits whatever the parallel_for chunking (each row is owned by one
