@@ -104,22 +104,9 @@ cudaError_t validate(const AttentionFwdParams& p) {
   return cudaSuccess;
 }
 
-// BINFORMER_FWD_PACK_SHORT_ROWS=0 (read at every call; A/B runs): the 256-thread pre-pass at d <= 64 too.
-bool pack_short_rows_requested() {
-  const char* env = std::getenv("BINFORMER_FWD_PACK_SHORT_ROWS");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
 cudaError_t launch_pack_keys(const PackKeysArgs& pk, DType dtype, bool vec_ok, unsigned blocks,
                              cudaStream_t stream) {
-  // d <= 64: one 16-byte chunk a lane and row; 8 rows a thread (pack_keys.h).
-  const bool short_rows = vec_ok && pk.d <= 64 && pack_short_rows_requested();
-  constexpr int kShort = fwd::kPackThreadsShortRows;
-  if (dtype == DType::kFloat16 && short_rows) {
-    fwd_pack_keys_kernel<DType::kFloat16, true, kShort><<<blocks, kShort, 0, stream>>>(pk);
-  } else if (dtype == DType::kBFloat16 && short_rows) {
-    fwd_pack_keys_kernel<DType::kBFloat16, true, kShort><<<blocks, kShort, 0, stream>>>(pk);
-  } else if (dtype == DType::kFloat16) {
+  if (dtype == DType::kFloat16) {
     if (vec_ok) fwd_pack_keys_kernel<DType::kFloat16, true><<<blocks, kPackThreads, 0, stream>>>(pk);
     else fwd_pack_keys_kernel<DType::kFloat16, false><<<blocks, kPackThreads, 0, stream>>>(pk);
   } else if (dtype == DType::kBFloat16) {

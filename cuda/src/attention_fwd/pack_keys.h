@@ -11,11 +11,9 @@ namespace binformer::cuda::fwd {
 
 inline constexpr int kPackThreads = 256;
 // One block packs one 128-key slab of one head (nk_pad is a multiple of 128, so a slab never
-// straddles heads): 8 lanes a row; with 256 threads each thread has 4 rows 32 apart. At d <= 64
-// (one 16-byte chunk a lane and row) the 16-bit kernels run 128 threads of 8 rows 16 apart
-// (kPackThreadsShortRows): twice the loads in flight per thread, and more blocks per SM.
+// straddles heads): 32 rows x 8 lanes, each thread 4 rows 32 apart.
 inline constexpr int kPackRowsPerBlock = 128;
-inline constexpr int kPackThreadsShortRows = 128;
+inline constexpr int kPackRowsPerThread = kPackRowsPerBlock / (kPackThreads / 8);
 
 // ------------------------------------------------------------------ K pre-pass
 // Packs every key row once (instead of once per query block): signs (flipped where the key's
@@ -23,7 +21,7 @@ inline constexpr int kPackThreadsShortRows = 128;
 // offsets; with a rel-pos table, H extra blocks write each head's table maximum and minimum.
 // 8 lanes per row; lane c owns the sign bytes c, c + 8 (, c + 16, c + 24) of the k_words-word
 // row (zero past d). Each byte is one 16-byte load of 16-bit K (two of fp32), all loads of a
-// thread (4 or 8 rows) are issued together and 8 lanes read a row's 128 contiguous bytes (d = 64,
+// thread (4 rows) are issued together and 8 lanes read a row's 128 contiguous bytes (d = 64,
 // fp16). The block's head comes from one 32-bit division per block: no 64-bit division per
 // thread (which made the first version compute-bound at a third of the copy bandwidth). Rows
 // past Nk are written as zero rows.
@@ -53,12 +51,11 @@ inline void set_pack_grid(PackKeysArgs& pk, int64_t bh_count, int64_t nk_pad) {
   pk.pack_blocks = bh_count * pk.blocks_per_head;
 }
 
-template <int kThreads>
 __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
-  __shared__ float part[2][kThreads / 32];
+  __shared__ float part[2][kPackThreads / 32];
   const float* table = a.relpos_table + int64_t(h) * a.relpos_table_stride_h;
   float mx = -__builtin_huge_valf(), mn = __builtin_huge_valf();
-  for (int idx = threadIdx.x; idx < a.relpos_table_size; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < a.relpos_table_size; idx += kPackThreads) {
     const float v = __ldg(table + idx);
     mx = fmaxf(mx, v);
     mn = fminf(mn, v);
@@ -74,7 +71,7 @@ __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kThreads / 32; ++w) {
+    for (int w = 1; w < kPackThreads / 32; ++w) {
       mx = fmaxf(mx, part[0][w]);
       mn = fminf(mn, part[1][w]);
     }
@@ -83,16 +80,14 @@ __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
   }
 }
 
-template <DType kDtype, bool kVec, int kThreads = kPackThreads>
-__global__ void __launch_bounds__(kThreads)
+template <DType kDtype, bool kVec>
+__global__ void __launch_bounds__(kPackThreads)
     fwd_pack_keys_kernel(const __grid_constant__ PackKeysArgs a) {
-  constexpr int kRowStep = kThreads / 8, kRowsPerThread = kPackRowsPerBlock / kRowStep;
-  constexpr int kChunks = kThreads == kPackThreadsShortRows ? 1 : 4;  // 16-byte chunks a lane and row
   // The attention kernel may launch once every block of this grid has started (launch.h): its
   // blocks then take the SMs this grid's last wave leaves idle and wait for the workspace there.
   griddep_launch_dependents();
   if (int64_t(blockIdx.x) >= a.pack_blocks) {
-    relpos_range_block<kThreads>(a, int(blockIdx.x - a.pack_blocks));
+    relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
     return;
   }
   const uint32_t bh = blockIdx.x / uint32_t(a.blocks_per_head);
@@ -106,11 +101,11 @@ __global__ void __launch_bounds__(kThreads)
   // branches were issued one DRAM round trip after another (ncu, ViT-B: 25 us for 47 MB; NOTES
   // v13). Rows past Nk read row Nk - 1 and chunks past d read chunk 0 (both exist), and are
   // zeroed afterwards; the chunk loop's condition is uniform across the block.
-  uint32_t bytes[kRowsPerThread][4] = {};
-  float bj[kRowsPerThread];
+  uint32_t bytes[kPackRowsPerThread][4] = {};
+  float bj[kPackRowsPerThread];
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int j = j0 + i * kRowStep, j_load = min(j, a.Nk - 1);
+  for (int i = 0; i < kPackRowsPerThread; ++i) {
+    const int j = j0 + i * (kPackThreads / 8), j_load = min(j, a.Nk - 1);
     const float scale = a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
                                                      int64_t(h) * a.k_scale_stride[1] +
                                                      int64_t(j_load) * a.k_scale_stride[2])
@@ -118,12 +113,12 @@ __global__ void __launch_bounds__(kThreads)
     bj[i] = j < a.Nk ? scale : 1.0f;
   }
 #pragma unroll
-  for (int q = 0; q < kChunks; ++q) {
+  for (int q = 0; q < 4; ++q) {
     if (8 * q >= d_bytes) break;
     const bool chunk_ok = c + 8 * q < d_bytes;
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int j = j0 + i * kRowStep;
+    for (int i = 0; i < kPackRowsPerThread; ++i) {
+      const int j = j0 + i * (kPackThreads / 8);
       const char* k_row = k_head + int64_t(min(j, a.Nk - 1)) * a.k_stride[2] * esize;
       const uint32_t v = load_sign_byte(k_row, kDtype, chunk_ok ? c + 8 * q : 0, kVec);
       bytes[i][q] = chunk_ok && j < a.Nk ? v : 0u;
@@ -131,8 +126,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t row0 = int64_t(bh) * a.nk_pad;
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int j = j0 + i * kRowStep;
+  for (int i = 0; i < kPackRowsPerThread; ++i) {
+    const int j = j0 + i * (kPackThreads / 8);
     const uint32_t flip = bj[i] < 0.0f ? 0xFFu : 0u;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
