@@ -271,7 +271,7 @@ cudaError_t attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   args.v_dequant = p.v_dequant;
   // Overlap with the K pre-pass (launch_overlap.h) on sm_90 and newer, where the instructions
   // exist: the kernel follows the pre-pass in the stream (Nk > 0).
-  args.pdl = p.Nk > 0 && fwd_pdl_requested() && device_cc_major() >= 9;
+  args.pdl = p.Nk > 0 && fwd_pdl_requested() && device_compute_capability() >= 90;
   return run_instance(config, args, stream);
 }
 

@@ -1,7 +1,8 @@
 // Programmatic dependent launch (PDL, sm_90+) of the attention kernel after the K pre-pass: the
 // pre-pass lets the attention kernel's blocks start while its own last blocks still run, and
-// each attention block sets up (Q packing, rel-pos table window) and then waits for the
-// pre-pass's results (the workspace) at griddep_wait, just before its first read of them.
+// each attention block sets up (block indices; in the bounded kernels the V copy setup and the
+// rel-pos table window) and then waits for the pre-pass's results (the workspace) at
+// griddep_wait, just before its first read of them.
 // Without the launch attribute (launch.h) both instructions return at once; before sm_90 and in
 // the host emulator, where nothing runs concurrently, they are no-ops.
 // Not part of ptx.h: the K pre-pass (pack_keys.h) uses them too, and the emulator provides ptx.h.
