@@ -80,12 +80,6 @@ __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
   }
 }
 
-// Bits of word w that lie inside a d-element row (d is a multiple of 8).
-__device__ __forceinline__ uint32_t row_word_mask(int w, int d) {
-  const int n = d - 32 * w;
-  return n >= 32 ? 0xFFFFFFFFu : n > 0 ? (1u << n) - 1u : 0u;
-}
-
 template <DType kDtype, bool kVec>
 __global__ void __launch_bounds__(kPackThreads)
     fwd_pack_keys_kernel(const __grid_constant__ PackKeysArgs a) {
@@ -109,31 +103,8 @@ __global__ void __launch_bounds__(kPackThreads)
                                                    int64_t(h) * a.k_scale_stride[1] +
                                                    int64_t(j_load) * a.k_scale_stride[2])
                                            : 1.0f;
-  // 8 sign bytes (two words) a pass, every load of a pass issued before its first use (loads
-  // under branches are issued one DRAM round trip after another: NOTES v13); chunks past d read
-  // chunk 0 and are zeroed afterwards. The pass condition is uniform: d <= 64 is one pass.
-  uint32_t words[8] = {};
-#pragma unroll
-  for (int pass = 0; pass < 4; ++pass) {
-    if (8 * pass >= d_bytes) break;
-    uint32_t bytes[8];
-    if (8 * pass + 8 <= d_bytes) {  // a whole pass: constant offsets from one address
-#pragma unroll
-      for (int i = 0; i < 8; ++i) bytes[i] = load_sign_byte(k_row, kDtype, 8 * pass + i, kVec);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int c = 8 * pass + i;
-        bytes[i] = load_sign_byte(k_row, kDtype, c < d_bytes ? c : 0, kVec);
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (8 * pass + i >= d_bytes) bytes[i] = 0u;
-      }
-    }
-    words[2 * pass] = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
-    words[2 * pass + 1] = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (bytes[7] << 24);
-  }
+  uint32_t words[8];
+  pack_sign_words<8, kDtype, kVec>(k_row, 0, d_bytes, words);
   const uint32_t flip = scale < 0.0f ? 0xFFFFFFFFu : 0u;
   int pc = 0;
 #pragma unroll
