@@ -104,35 +104,19 @@ cudaError_t validate(const AttentionFwdParams& p) {
   return cudaSuccess;
 }
 
-// BINFORMER_FWD_PACK_LANES=1 (read at every call; the A/B arm of device run 49): the v13-v14
-// K pre-pass, 8 lanes a row, instead of one thread a row.
-bool fwd_pack_lanes_requested() {
-  const char* env = std::getenv("BINFORMER_FWD_PACK_LANES");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
-template <DType kDtype, bool kVec>
-void launch_pack_keys_as(const PackKeysArgs& pk, unsigned blocks, cudaStream_t stream) {
-  if (fwd_pack_lanes_requested()) {
-    fwd::fwd_pack_keys_lanes_kernel<kDtype, kVec><<<blocks, fwd::kPackLanesThreads, 0, stream>>>(pk);
-  } else {
-    fwd_pack_keys_kernel<kDtype, kVec><<<blocks, kPackThreads, 0, stream>>>(pk);
-  }
-}
-
 cudaError_t launch_pack_keys(const PackKeysArgs& pk, DType dtype, bool vec_ok, unsigned blocks,
                              cudaStream_t stream) {
   if (dtype == DType::kFloat16) {
-    vec_ok ? launch_pack_keys_as<DType::kFloat16, true>(pk, blocks, stream)
-           : launch_pack_keys_as<DType::kFloat16, false>(pk, blocks, stream);
+    if (vec_ok) fwd_pack_keys_kernel<DType::kFloat16, true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_kernel<DType::kFloat16, false><<<blocks, kPackThreads, 0, stream>>>(pk);
   } else if (dtype == DType::kBFloat16) {
-    vec_ok ? launch_pack_keys_as<DType::kBFloat16, true>(pk, blocks, stream)
-           : launch_pack_keys_as<DType::kBFloat16, false>(pk, blocks, stream);
+    if (vec_ok) fwd_pack_keys_kernel<DType::kBFloat16, true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_kernel<DType::kBFloat16, false><<<blocks, kPackThreads, 0, stream>>>(pk);
   } else if (dtype == DType::kFloat32) {
-    vec_ok ? launch_pack_keys_as<DType::kFloat32, true>(pk, blocks, stream)
-           : launch_pack_keys_as<DType::kFloat32, false>(pk, blocks, stream);
+    if (vec_ok) fwd_pack_keys_kernel<DType::kFloat32, true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_kernel<DType::kFloat32, false><<<blocks, kPackThreads, 0, stream>>>(pk);
   } else {
-    launch_pack_keys_as<DType::kBits, false>(pk, blocks, stream);
+    fwd_pack_keys_kernel<DType::kBits, false><<<blocks, kPackThreads, 0, stream>>>(pk);
   }
   return cudaGetLastError();
 }
