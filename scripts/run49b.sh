@@ -11,7 +11,7 @@ chmod +x $T
     -DBINFORMER_CUDA_MINIMAL=ON "-DCMAKE_CUDA_FLAGS=-DBINFORMER_FWD_Q_PACK_LANES" > $OUT/build_base.log 2>&1 &&
   cmake --build /tmp/build-base -j 12 --target binformer_cuda_tests >> $OUT/build_base.log 2>&1; echo "base build rc=$?" >> $OUT/build_base.log ) &
 base=$!
-F='PackSign.ManyShapesAllDtypesExact:Cases/AttentionFwd*.MatchesFloat64Reference/*_1?'
+F='PackSign.ManyShapesAllDtypesExact:Cases/AttentionFwdSm90*.MatchesFloat64Reference/*_1?:Cases/AttentionFwd.MatchesFloat64Reference/*_1?'
 for tool in memcheck racecheck; do
   timeout 110 compute-sanitizer --tool $tool --error-exitcode 3 $T --gtest_brief=1 --gtest_filter="$F" > $OUT/sanitize_$tool.log 2>&1
   echo "$tool rc=$?"; tail -4 $OUT/sanitize_$tool.log
