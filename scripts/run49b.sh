@@ -13,7 +13,7 @@ chmod +x $T
 base=$!
 F='PackSign.ManyShapesAllDtypesExact:Cases/AttentionFwdSm90*.MatchesFloat64Reference/*_1?:Cases/AttentionFwd.MatchesFloat64Reference/*_1?'
 for tool in memcheck racecheck; do
-  timeout 110 compute-sanitizer --tool $tool --error-exitcode 3 $T --gtest_brief=1 --gtest_filter="$F" > $OUT/sanitize_$tool.log 2>&1
+  timeout 90 compute-sanitizer --tool $tool --error-exitcode 3 $T --gtest_brief=1 --gtest_filter="$F" > $OUT/sanitize_$tool.log 2>&1
   echo "$tool rc=$?"; tail -4 $OUT/sanitize_$tool.log
 done
 wait $base; tail -1 $OUT/build_base.log
