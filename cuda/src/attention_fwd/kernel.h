@@ -353,13 +353,13 @@ struct FwdBlock {
     *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 
-  // Sign words of the block's Q rows into the Q stage: row r's 32-byte slot holds 8 words; bits
+  // Sign bytes of the block's Q rows into the Q stage: row r's 32-byte slot holds 8 words; bytes
   // past d (and rows past Nq) are zero, rows with scale * a_i < 0 get their d bits flipped. The
   // fragments read the first kQBytes bytes of a slot (the rest is written zero).
-  // kThreads / kBlockM (1 or 2) threads own a row, each a run of whole words (v15: the former
-  // 8 lanes a row repeated the row's address, bounds and factor work on every lane and stored
-  // single bytes). Every load is unconditional (rows past Nq read row Nq - 1 and are zeroed),
-  // so that a thread's loads are in flight together (NOTES v13).
+  // Every load is unconditional (out-of-range bytes read row m0's byte 0, which exists, and are
+  // zeroed afterwards), so that all of a thread's loads of an 8-byte group are in flight
+  // together: loads under a branch were issued one DRAM round trip after another (ncu, ViT-B:
+  // 18% of the bounded kernel's stall samples; NOTES v13).
   template <int kQBytes>
   __device__ __forceinline__ void pack_q_signs(int tid) {
     const bool vec = a.q_vec_ok;
@@ -370,40 +370,6 @@ struct FwdBlock {
       default: pack_q_bytes<kQBytes, DType::kBits, false>(tid); break;
     }
   }
-#if !defined(BINFORMER_FWD_Q_PACK_LANES)
-  template <int kQBytes, DType kDtype, bool kVec>
-  __device__ __forceinline__ void pack_q_bytes(int tid) {
-    constexpr int kRowThreads = kThreads / kBlockM;
-    static_assert(kThreads % kBlockM == 0 && kQBytes % (4 * kRowThreads) == 0 && kQBytes <= 32, "whole words a thread");
-    constexpr int kWords = kQBytes / 4 / kRowThreads;
-    const int r = tid / kRowThreads, w0 = (tid % kRowThreads) * kWords, i = m0 + r;
-    const bool in_range = i < a.Nq;
-    const int i_load = in_range ? i : a.Nq - 1;
-    const int q_elem = kDtype == DType::kFloat32 || kDtype == DType::kBits ? 4 : 2;
-    const char* q_row = static_cast<const char*>(a.q) +
-                        (int64_t(b) * a.q_stride[0] + int64_t(h) * a.q_stride[1] + int64_t(i_load) * a.q_stride[2]) * q_elem;
-    const float factor = query_factor(i_load);  // (compared after the row's loads are issued)
-    uint32_t w[kWords];
-    pack_sign_words<kWords, kDtype, kVec>(q_row, w0, a.d / 8, w);
-    const uint32_t flip = a.scale * factor < 0.0f ? 0xFFFFFFFFu : 0u;
-#pragma unroll
-    for (int k = 0; k < kWords; ++k) w[k] = in_range ? w[k] ^ (flip & row_word_mask(w0 + k, a.d)) : 0u;
-    uint32_t* slot = reinterpret_cast<uint32_t*>(smem + Tr::kOffQ) + r * 8;
-    if constexpr (kWords == 1) {
-      slot[w0] = w[0];
-    } else if constexpr (kWords == 2) {
-      *reinterpret_cast<uint2*>(slot + w0) = make_uint2(w[0], w[1]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kWords; k += 4) {
-        *reinterpret_cast<uint4*>(slot + w0 + k) = make_uint4(w[k], w[k + 1], w[k + 2], w[k + 3]);
-      }
-    }
-    // Words past kQBytes are read for the popcount (always zero: write them).
-#pragma unroll
-    for (int z = kQBytes / 4 + tid % kRowThreads; z < 8; z += kRowThreads) slot[z] = 0u;
-  }
-#else  // the v13-v14 packing, 8 lanes a row (A/B baseline of device run 49)
   template <int kQBytes, DType kDtype, bool kVec>
   __device__ __forceinline__ void pack_q_bytes(int tid) {
     unsigned char* sq = smem + Tr::kOffQ;
@@ -449,8 +415,6 @@ struct FwdBlock {
       }
     }
   }
-
-#endif
 
   // Packs the block's Q rows into shared memory, loads the fragments, the row constants and the
   // rel-pos table.

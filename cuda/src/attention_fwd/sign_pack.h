@@ -81,46 +81,4 @@ __device__ __forceinline__ uint32_t load_sign_byte(const void* row, DType dtype,
   return bits;
 }
 
-// Bits of word w that lie inside a d-element row (d is a multiple of 8).
-__device__ __forceinline__ uint32_t row_word_mask(int w, int d) {
-  const int n = d - 32 * w;
-  return n >= 32 ? 0xFFFFFFFFu : n > 0 ? (1u << n) - 1u : 0u;
-}
-
-// Sign words w0 .. w0 + kWords - 1 of one row of d = 8 d_bytes elements (zero past d), for one
-// thread that owns them: passes of two words, every load of a pass issued before its first use
-// (loads under a branch were issued one DRAM round trip after another: NOTES v13). A whole pass
-// takes constant offsets from one address; a pass that reaches past d reads chunk 0 there and
-// zeroes it; passes past d are skipped.
-template <int kWords, DType kDtype, bool kVec>
-__device__ __forceinline__ void pack_sign_words(const void* row, int w0, int d_bytes,
-                                                uint32_t (&w)[kWords]) {
-  constexpr int kPass = kWords < 2 ? kWords : 2;
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) w[i] = 0u;
-#pragma unroll
-  for (int p = 0; p < kWords; p += kPass) {
-    const int c0 = 4 * (w0 + p);
-    if (c0 >= d_bytes) break;
-    uint32_t bytes[4 * kPass];
-    if (c0 + 4 * kPass <= d_bytes) {
-#pragma unroll
-      for (int i = 0; i < 4 * kPass; ++i) bytes[i] = load_sign_byte(row, kDtype, c0 + i, kVec);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4 * kPass; ++i) {
-        bytes[i] = load_sign_byte(row, kDtype, c0 + i < d_bytes ? c0 + i : 0, kVec);
-      }
-#pragma unroll
-      for (int i = 0; i < 4 * kPass; ++i) {
-        if (c0 + i >= d_bytes) bytes[i] = 0u;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kPass; ++i) {
-      w[p + i] = bytes[4 * i] | (bytes[4 * i + 1] << 8) | (bytes[4 * i + 2] << 16) | (bytes[4 * i + 3] << 24);
-    }
-  }
-}
-
 }  // namespace binformer::cuda::fwd
