@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # One build-test-benchmark cycle on the lent GPU machine (see bench/NOTES.md). Logs go to $OUT.
-# Usage: bash scripts/gpu_cycle.sh [build] [gtest] [pytest] [sanitize] [bench] [bench_bwd] [gbench] [ab] [ncu] [train]
+# Usage: bash scripts/gpu_cycle.sh [build] [gtest] [pytest] [sanitize] [bench] [bench_bwd] [gbench] [ab] [ncu] [train] [pack]
+#   pack        last: bundles every file of $OUT but the JSON / PNG results and cycle.log into
+#               $OUT/logs_<time>.tgz (the device tool returns at most 8 files; run 49 lost its
+#               gpu_forward.json to that limit)
+#   Steps that build (ab) need the carried CUTLASS wheel on PYTHONPATH, which this script sets:
+#   run compile-time A/B builds through `ab`, not from a separate script (run 49's failed).
 #   BENCH_TAG   suffix of the bench output files (A/B runs of the same step, e.g. with a runtime switch set)
 #   gbench      the disabled *Bench gtests (GBENCH_FILTER), kernel times without torch
 #   ab          a minimal (hdim64) build with BASE_FLAGS (the -D knobs of the baseline) and its gbench
@@ -99,5 +104,10 @@ if [[ $steps == *" pytest "* ]]; then
   log "pytest (CUDA + CPU)"
   (cd tests && timeout 400 python3 -m pytest -q -x -p no:cacheprovider -n ${PYTEST_WORKERS:-8} python ${PYTEST_ARGS:-}) > "$OUT/pytest.log" 2>&1
   log "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+fi
+if [[ $steps == *" pack "* ]]; then
+  tgz="logs_$(date +%H%M%S).tgz"
+  (cd "$OUT" && find . -maxdepth 3 -type f ! -name '*.json' ! -name '*.png' ! -name 'cycle.log' ! -name 'logs_*.tgz' \
+      -print0 | tar czf "$tgz" --null -T - --remove-files) && log "packed the logs into $tgz"
 fi
 log "done"
