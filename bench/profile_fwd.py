@@ -37,14 +37,15 @@ for name in args[0].split(",") if args else ["vit_b16_224", "n4096_d64"]:
     aq = q.float().abs().mean(dim=(-2, -1)).unsqueeze(-1)
     ak = k.float().abs().mean(dim=(-2, -1)).unsqueeze(-1)
     sc = 1.0 / d ** 0.5
-    raw = lambda: torch.ops.binformer.attention_fwd(q, k, v, aq, ak, None, None, 0, 0, 0, d, sc, False, False, "ste")
+    def raw(q_in, q_scale=aq, k_scale=ak):
+        return lambda: torch.ops.binformer.attention_fwd(
+            q_in, k, v, q_scale, k_scale, None, None, 0, 0, 0, d, sc, False, False, "ste")
     pub = lambda: binformer.attention(q, k, v, q_scale=aq, k_scale=ak)
-    variants = [("fp16 q", raw)]
+    variants = [("fp16 q", raw(q))]
     if q_bits:
-        qb = binformer.pack_sign(q)
-        variants.append(("q bits", lambda: torch.ops.binformer.attention_fwd(
-            qb, k, v, aq, ak, None, None, 0, 0, 0, d, sc, False, False, "ste")))
-    print(f"{name} (B={b} H={h} N={n} d={d}): public op {time_cuda(pub)*1e6:.1f} us", flush=True)
+        variants.append(("q bits", raw(binformer.pack_sign(q))))
+    print(f"{name} (B={b} H={h} N={n} d={d}): public op {time_cuda(pub)*1e6:.1f} us, "
+          f"raw op no scales {time_cuda(raw(q, None, None))*1e6:.1f} us", flush=True)
     for label, fn in variants:
         total, rows = kernel_split(fn)
         print(f"  {label}: raw op {time_cuda(fn)*1e6:.1f} us, kernels {total:.1f} us", flush=True)
