@@ -9,6 +9,11 @@
 #   BENCH_TAG   suffix of the bench output files (A/B runs of the same step, e.g. with a runtime switch set)
 #   gbench      the disabled *Bench gtests (GBENCH_FILTER), kernel times without torch
 #   ab          a minimal (hdim64) build with BASE_FLAGS (the -D knobs of the baseline) and its gbench
+#   carried     test binaries built off the device (minimal sm_90a builds, `xz`-compressed to fit the
+#               64 MiB carry) in .carry/binformer_cuda_tests[_TAG].xz: unpacked first; without a
+#               build step the untagged one is build-tests/binformer_cuda_tests (gtest / sanitize)
+#   gbench_ab   the gbench of every carried binary, alternating for GBENCH_ROUNDS (2) rounds:
+#               compile-time A/B without a device build, logs gbench_<TAG>_<round>.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,6 +27,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 { command -v g++; g++ --version | head -1; python3 -c "import torch, re; print(sorted(set(l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l)))"; } > "$OUT/toolchain.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+if ls .carry/binformer_cuda_tests*.xz >/dev/null 2>&1; then
+  for f in .carry/binformer_cuda_tests*.xz; do xz -dc "$f" > "/tmp/$(basename "$f" .xz)" && chmod +x "/tmp/$(basename "$f" .xz)"; done
+  if [[ $steps != *" build "* && -f /tmp/binformer_cuda_tests ]]; then
+    mkdir -p build-tests && cp /tmp/binformer_cuda_tests build-tests/binformer_cuda_tests
+    log "carried test binary: build-tests/binformer_cuda_tests ($(ls /tmp/binformer_cuda_tests* | wc -l) carried)"
+  fi
+fi
 if [[ $steps == *" build "* ]]; then
   log "build: CUDA library + gtest (sm_90a, every instantiation)"
   if [ -f .carry/libbinformer_cuda.a ]; then log "(prebuilt library carried)"; fi
@@ -68,6 +80,17 @@ if [[ $steps == *" gbench "* ]]; then
   timeout 300 ./build-tests/binformer_cuda_tests --gtest_also_run_disabled_tests \
       --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" > "$OUT/gbench${BENCH_TAG:-}.log" 2>&1; log "gbench rc=$?"
   grep -E "^attention|^ *(fwd|bwd)|us" "$OUT/gbench${BENCH_TAG:-}.log" | head -40
+fi
+if [[ $steps == *" gbench_ab "* ]]; then
+  for round in $(seq 1 ${GBENCH_ROUNDS:-2}); do
+    for bin in /tmp/binformer_cuda_tests*; do
+      [[ $bin == *.xz ]] && continue
+      tag=$(basename "$bin"); tag=${tag#binformer_cuda_tests}; tag=${tag#_}; tag=${tag:-main}
+      timeout 200 "$bin" --gtest_also_run_disabled_tests --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" \
+          > "$OUT/gbench_${tag}_$round.log" 2>&1; log "gbench $tag round $round rc=$?"
+    done
+  done
+  for f in "$OUT"/gbench_*_?.log; do echo "== $f"; grep -E "us" "$f" | head -14; done
 fi
 if [[ $steps == *" ab "* ]]; then
   log "baseline build (minimal, CMAKE_CUDA_FLAGS=${BASE_FLAGS:-})"

@@ -26,6 +26,10 @@
 #ifndef BINFORMER_FWD_STAGES
 #define BINFORMER_FWD_STAGES 2  // cp.async pipeline depth for the K-bit / V tiles
 #endif
+// Pipeline depth of the bounded kernels (a measurement knob; see NOTES v16).
+#ifndef BINFORMER_FWD_BOUNDED_STAGES
+#define BINFORMER_FWD_BOUNDED_STAGES BINFORMER_FWD_STAGES
+#endif
 #ifndef BINFORMER_FWD_BOUNDED_BLOCK_N
 #define BINFORMER_FWD_BOUNDED_BLOCK_N 128  // key tile of the bounded kernels at Dv <= 64
 #endif
@@ -118,7 +122,7 @@ enum class BoundedShape : int { k4x2 = 0, kWide = 1, kNarrow = 2 };
 // registers do not grow with the key tile: 128-key tiles halve the per-tile overhead (barrier,
 // copy issue, loop) at Dv <= 64. Dv > 64 keeps 64-key tiles (the V tile is 2*Dv bytes a key).
 BINFORMER_FWD_HD constexpr TileShape fwd_bounded_tile_shape(int dv_pad, BoundedShape shape) {
-  const int st = BINFORMER_FWD_STAGES;
+  const int st = BINFORMER_FWD_BOUNDED_STAGES;
   if (dv_pad <= 64) {
     const int warps = shape == BoundedShape::kWide ? 8 : 4;
     return TileShape{warps, shape == BoundedShape::k4x2 ? 2 : 1, BINFORMER_FWD_BOUNDED_BLOCK_N, st};
