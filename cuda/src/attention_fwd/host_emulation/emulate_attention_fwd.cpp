@@ -102,10 +102,15 @@ void launch(FwdArgs args) {
       smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
     }
   }
-  // A persistent grid runs ~3 units a block (launch.h: as many blocks as fit at once).
+  // A persistent grid runs ~3 units a block (launch.h: as many blocks as fit at once), the grid
+  // not a multiple of the row blocks, so that a block's units have different rows too.
   const unsigned units = unsigned(args.num_m_blocks * args.B * args.H);
-  bwd_emulation::launch(entry<Tr>, Tr::kPersistent ? std::max(1u, (units + 2) / 3) : units,
-                        unsigned(Tr::kThreads), smem, args);
+  unsigned grid = units;
+  if (Tr::kPersistent) {
+    grid = std::max(1u, (units + 2) / 3);
+    if (grid > 1 && grid % unsigned(args.num_m_blocks) == 0) --grid;
+  }
+  bwd_emulation::launch(entry<Tr>, grid, unsigned(Tr::kThreads), smem, args);
 }
 
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
