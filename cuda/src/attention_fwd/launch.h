@@ -184,13 +184,17 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
 }
 
 // The persistent grid of the wide wgmma kernel at Dv = 64, d <= 64 without rel-pos (kernel_bounded.h):
-// 16-bit Q with 16-byte aligned rows, more units than fit at once. BINFORMER_FWD_PERSISTENT
-// (read at every call: A/B in one process): 0 never, 1 also with a causal mask; unset: not causal
+// 16-bit Q with 16-byte aligned rows. BINFORMER_FWD_PERSISTENT (read at every call: A/B in one
+// process): 0 never, 1 wherever it applies (causal too), unset: kFwdPersistentDefault, not causal
 // (the units' key ranges differ there, and the grid deals them out round-robin).
+#ifndef BINFORMER_FWD_PERSISTENT_DEFAULT
+#define BINFORMER_FWD_PERSISTENT_DEFAULT 0  // (off until measured on the device: NOTES v16)
+#endif
 inline bool fwd_persistent_wanted(const FwdArgs& args) {
   const char* env = std::getenv("BINFORMER_FWD_PERSISTENT");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+  const bool off = env != nullptr ? std::strcmp(env, "1") != 0 : !BINFORMER_FWD_PERSISTENT_DEFAULT;
+  if (off) return false;
   return args.d <= 64 && (args.q_dtype == DType::kFloat16 || args.q_dtype == DType::kBFloat16) &&
          args.q_vec_ok && (forced || !args.causal);
 }
