@@ -85,7 +85,7 @@ if [[ $steps == *" gbench_ab "* ]]; then
   for round in $(seq 1 ${GBENCH_ROUNDS:-2}); do
     for bin in /tmp/binformer_cuda_tests*; do
       [[ $bin == *.xz ]] && continue
-      tag=$(basename "$bin"); tag=${tag#binformer_cuda_tests}; tag=${tag#_}; tag=${tag:-main}
+      tag=$(basename "$bin"); tag=${tag#binformer_cuda_tests}; tag=${tag#_}; tag=${tag:-new}
       timeout 200 "$bin" --gtest_also_run_disabled_tests --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" \
           > "$OUT/gbench_${tag}_$round.log" 2>&1; log "gbench $tag round $round rc=$?"
     done

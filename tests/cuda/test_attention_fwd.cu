@@ -984,57 +984,12 @@ TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
   // Dv 72..128 too (v5): 2 blocks/SM unless the caller asked for the 1-block kernels (=2).
   const char* wide = std::getenv("BINFORMER_FWD_SM90_WIDE");
   ScopedEnv sm90_wide("BINFORMER_FWD_SM90_WIDE", wide != nullptr && std::string(wide) == "2" ? "2" : "1");
-  // Dv = 64 on the wide (two-warpgroup) block; AttentionFwdSm90Narrow runs the narrow one, and
-  // AttentionFwdSm90Persistent the persistent grid (launch.h's default where it applies).
+  // Dv = 64 on the wide (two-warpgroup) block; AttentionFwdSm90Narrow runs the narrow one.
   ScopedEnv sm90_narrow("BINFORMER_FWD_SM90_NARROW", "0");
-  ScopedEnv persistent("BINFORMER_FWD_PERSISTENT", "0");
   run_against_reference(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90, ::testing::ValuesIn(sm90_cases()),
-                         case_test_name);
-
-// The persistent grid of the wide Dv = 64 wgmma kernel (kernel_bounded.h; d <= 64 without rel-pos,
-// other cases run the kernels above): BINFORMER_FWD_PERSISTENT=1 (causal too) with the grid capped
-// at 3 blocks, so that every block runs several units (the next unit's copies during the last
-// tile, the stage ring across units of 1, 2 and many key tiles), on every Dv = 64 case plus ViT-B
-// on 36 units.
-std::vector<Case> sm90_persistent_cases() {
-  std::vector<Case> cs;
-  for (Case c : sm90_cases()) {
-    if (c.dv != 64) continue;
-    c.name = "persistent_" + c.name.substr(5);
-    cs.push_back(c);
-  }
-  Case c;
-  c.name = "persistent_vitb_36_units";
-  c.B = 3;
-  c.H = 6;
-  c.Nq = c.Nk = 197;
-  c.q_scale = c.k_scale = Scale::kPerHead;
-  c.seed = 950;
-  cs.push_back(c);
-  c.name = "persistent_vitb_36_units_bf16_per_token_q";
-  c.v_dtype = DType::kBFloat16;
-  c.q_scale = Scale::kPerToken;
-  c.seed = 951;
-  cs.push_back(c);
-  return cs;
-}
-
-class AttentionFwdSm90Persistent : public ::testing::TestWithParam<Case> {};
-
-TEST_P(AttentionFwdSm90Persistent, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
-  if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
-  ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
-  ScopedEnv narrow("BINFORMER_FWD_SM90_NARROW", "0");
-  ScopedEnv persistent("BINFORMER_FWD_PERSISTENT", "1");
-  ScopedEnv blocks("BINFORMER_FWD_PERSISTENT_BLOCKS", "3");
-  run_against_reference(GetParam());
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90Persistent, ::testing::ValuesIn(sm90_persistent_cases()),
                          case_test_name);
 
 // The narrow one-warpgroup block of the Dv = 64 wgmma kernel (v8: 64 rows, 4 blocks per SM;

@@ -57,8 +57,7 @@ __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) 
 // Dv = 64, 72, 80, 96, 128.
 template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
           bool kBoundedRelPos_ = false, BoundedShape kBoundedShape_ = BoundedShape::kWide,
-          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2, bool kPTable_ = false,
-          bool kPersistent_ = false>
+          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2, bool kPTable_ = false>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
@@ -138,24 +137,11 @@ struct FwdTraits {
   static constexpr int kSmemAlign = kWgmma ? 1024 : 128;
   static constexpr int kOffV = round_up_c(kOffRelOff + kBlockN * 4, kSmemAlign);
   static constexpr int kStageBytes = round_up_c(kOffV + kBlockN * kVPitch, kSmemAlign);
-  // Persistent grid (kernel_bounded.h "persistent grid"; the sm_90a wide Dv = 64 kernel at d <= 64,
-  // 16-bit Q): each block runs several work units, and the next unit's Q rows and first key tile
-  // are copied while the current unit finishes. The stages then hold the next unit's tile during
-  // the epilogue and the prologue, so the packed Q, the raw Q rows (kBlockM x 128 bytes) and the
-  // staged output get areas of their own.
-  static constexpr bool kPersistent = kPersistent_;
-  static_assert(!kPersistent || (kBounded && kWgmma_ && !kBoundedRelPos_ && !kPTable_ && kDvPad_ == 64 &&
-                                 kQK_ == QK::kDup128 && kStages == 2),
-                "persistent grid: the 2-stage wgmma kernel at Dv = 64, d <= 64, without rel-pos");
   // The block's packed Q rows ([kBlockM][8] words) are staged once; they alias the last stage,
   // which is first written after the first barrier of the main loop.
   static constexpr int kQStageBytes = kBlockM * 8 * 4;
-  static constexpr bool kQAliasesStage = !kPersistent && kQStageBytes <= kStageBytes;
+  static constexpr bool kQAliasesStage = kQStageBytes <= kStageBytes;
   static constexpr int kOffQ = kQAliasesStage ? (kStages - 1) * kStageBytes : kStages * kStageBytes;
-  static constexpr int kQRawRowBytes = 128;  // d <= 64 16-bit elements
-  static constexpr int kOffQRaw = kOffQ + (kQAliasesStage ? 0 : kQStageBytes);
-  static constexpr int kOffOut = kPersistent ? kOffQRaw + kBlockM * kQRawRowBytes : 0;
-  static constexpr int kOutStageBytes = kPersistent ? kBlockM * 144 : 0;  // kOutPitch of Dv = 64
   // Bytes before the (optional, runtime-sized) rel-pos table.
   // The P table of the sm_90a bounded kernels at d <= 64 without rel-pos (kernel_bounded.h, "P
   // table"; launched for one row factor per (b, h)): a 16-bit ones matrix for the row-sum wgmma,
@@ -163,8 +149,7 @@ struct FwdTraits {
   static constexpr bool kPTable = kPTable_;
   static_assert(!kPTable || (kBounded && kWgmma && kQK == QK::kDup128 && !kBoundedRelPos), "P table");
   static constexpr int kPTableOnesBytes = 512;
-  static constexpr int kOffPTable = kPersistent ? kOffOut + kOutStageBytes
-                                                : kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
+  static constexpr int kOffPTable = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
   static constexpr int kPTableBytes = kPTable ? kPTableOnesBytes + round_up_c((64 + 2) * 4, 16) : 0;
   static constexpr int kSmemFixed = kOffPTable + kPTableBytes;
   // Extra dynamic shared memory the launcher requests so that the kernel can align its base to
@@ -222,41 +207,29 @@ struct FwdBlock {
   struct KeyTiles {
     int n_tiles, first_masked;
   };
-  // A work unit: the block index, or in a persistent grid (kernel_bounded.h) one of the block's
-  // units. Its (b, h), first row, and key tiles.
-  struct Unit {
-    int bh, m0;
-    KeyTiles kt;
-  };
-  __device__ __forceinline__ Unit unit_of(uint32_t unit) const {
-    Unit u;
-    u.bh = int(unit / uint32_t(a.num_m_blocks));
-    int m_block = int(unit % uint32_t(a.num_m_blocks));
-    if (a.causal) m_block = a.num_m_blocks - 1 - m_block;  // longest rows first
-    u.m0 = m_block * kBlockM;
-    u.kt.n_tiles = ceil_div_c(a.Nk, kBlockN);
-    if (a.causal) u.kt.n_tiles = min(u.kt.n_tiles, ceil_div_c(min(a.Nq, u.m0 + kBlockM), kBlockN));
-    u.kt.first_masked = u.kt.n_tiles;
-    if (a.Nk % kBlockN != 0) u.kt.first_masked = min(u.kt.first_masked, a.Nk / kBlockN);
-    if (a.causal) u.kt.first_masked = min(u.kt.first_masked, u.m0 / kBlockN);
-    return u;
-  }
-  __device__ __forceinline__ KeyTiles setup_block(int tid, uint32_t unit) {
+  __device__ __forceinline__ KeyTiles setup_block(int tid) {
     lane = tid % 32;
     g = lane / 4;
     t = lane % 4;
     warp_row0 = (tid / 32) * 16 * kMT;
-    const Unit u = unit_of(unit);
-    bh = u.bh;
+    bh = blockIdx.x / a.num_m_blocks;
+    int m_block = blockIdx.x % a.num_m_blocks;
+    if (a.causal) m_block = a.num_m_blocks - 1 - m_block;  // longest rows first
     b = bh / a.H;
     h = bh % a.H;
-    m0 = u.m0;
-    return u.kt;
+    m0 = m_block * kBlockM;
+    KeyTiles kt;
+    kt.n_tiles = ceil_div_c(a.Nk, kBlockN);
+    if (a.causal) kt.n_tiles = min(kt.n_tiles, ceil_div_c(min(a.Nq, m0 + kBlockM), kBlockN));
+    kt.first_masked = kt.n_tiles;
+    if (a.Nk % kBlockN != 0) kt.first_masked = min(kt.first_masked, a.Nk / kBlockN);
+    if (a.causal) kt.first_masked = min(kt.first_masked, m0 / kBlockN);
+    return kt;
   }
 
   __device__ void run() {
     const int tid = threadIdx.x;
-    const KeyTiles kt = setup_block(tid, blockIdx.x);
+    const KeyTiles kt = setup_block(tid);
     const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
     griddep_wait();  // (the workspace: launch_overlap.h)
 
@@ -984,7 +957,6 @@ struct FwdBlock {
   static constexpr int kOutPitch = (kOutChunks | 1) * 16;
   static constexpr bool kStagedOut =
       !kInt8 && !kTF32 && !Tr::kDvMasked && kBlockM * kOutPitch <= Tr::kSmemFixed;
-  static_assert(!Tr::kPersistent || (kStagedOut && kBlockM * kOutPitch == Tr::kOutStageBytes), "persistent out area");
 
   __device__ __forceinline__ void epilogue() {
     float inv[kRows];
@@ -1109,17 +1081,13 @@ struct FwdBlock {
   }
 
   // The staged sink: every stage buffer is free once all copies landed and every warp is past
-  // its last tile (the barrier); the rows are then written in whole 16-byte chunks. A persistent
-  // block has an area of its own (its stages hold the next unit's copies in flight), last read
-  // by the previous unit's copy-out, before the barriers of this unit's prologue.
+  // its last tile (the barrier); the rows are then written in whole 16-byte chunks.
   template <DType kOut>
   __device__ __forceinline__ void store_out_staged(const float (&inv)[kRows], char* out_head,
                                                    int64_t row_bytes) {
-    if constexpr (!Tr::kPersistent) {
-      cp_async_wait<0>();
-      __syncthreads();
-    }
-    const uint32_t tile = smem_u32(smem + Tr::kOffOut);
+    cp_async_wait<0>();
+    __syncthreads();
+    const uint32_t tile = smem_u32(smem);
     for_each_out(inv, [&](int r, int c0, const float* vals) {
       const int row = warp_row0 + (r / 2) * 16 + (r % 2) * 8 + g;  // row_of(r) - m0
       st_shared_u32(tile + uint32_t(row * kOutPitch + c0 * 2), pack_pair<kOut == DType::kBFloat16>(vals[0], vals[1]));

@@ -98,7 +98,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   static constexpr bool kBF = Tr::kPv == PvKind::kBF16;
   static constexpr int kKPitch = Tr::kKPitchWords;
   static constexpr bool kWgmma = Tr::kWgmma;
-  static constexpr bool kPersistent = Tr::kPersistent;
   static constexpr int kGroupSteps = BINFORMER_FWD_WGMMA_GROUP_STEPS;
   // sm_90a, d <= 128: QK^T of the fixed-maximum tiles on the b1 wgmma (qk_wgmma.h); the online
   // tiles keep mma.sync. (A compile-time switch: a run-time one costs the registers of both paths.)
@@ -153,13 +152,11 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
       : Base(args, smem_base) {}
 
   // ============================================================================== driver
-  // One work unit (kBlockM query rows of one (b, h)) per block; with Tr::kPersistent the units
-  // blockIdx.x, blockIdx.x + gridDim.x, ... (see "persistent grid" below).
   __device__ void run() {
     const int tid = threadIdx.x;
-    typename Base::KeyTiles kt = Base::setup_block(tid, blockIdx.x);
-    if constexpr (kPersistent) copy_bh = bh;
-    copy_setup(tid, b, h);
+    const auto kt = Base::setup_block(tid);
+    copy_setup(tid);
+    const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
     // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
     if constexpr (kRelPos) {
@@ -169,31 +166,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     griddep_wait();  // (the K pre-pass's workspace is read from here on: launch_overlap.h)
 #pragma unroll
     for (int s = 0; s < Tr::kStages - 1; ++s) {
-      if (s < kt.n_tiles) load_tile_checked(s, kt.n_tiles - 1 - s, tid, kt.first_masked);
-      if constexpr (kPersistent) issue_q_raw(tid, bh, m0);  // (s = 0 only: 2 stages)
+      if (s < n_tiles) load_tile_checked(s, n_tiles - 1 - s, tid, first_masked);
       cp_async_commit();
     }
-    if constexpr (!kPersistent) {
-      run_unit(tid, kt.n_tiles, kt.first_masked, 0, 0u);
-    } else {
-      // The units' tiles continue one stage ring: stage0 is the stage of a unit's first tile.
-      const uint32_t units = uint32_t(a.num_m_blocks) * uint32_t(a.B * a.H);
-      uint32_t unit = blockIdx.x;
-      for (int stage0 = 0;;) {
-        run_unit(tid, kt.n_tiles, kt.first_masked, stage0, unit + gridDim.x);
-        stage0 = (stage0 + kt.n_tiles) % Tr::kStages;
-        unit += gridDim.x;
-        if (unit >= units) break;
-        kt = Base::setup_block(tid, unit);
-      }
-    }
-  }
-
-  // One work unit from the packing of its Q rows (its first kStages - 1 tiles are in flight) to
-  // its epilogue. Persistent: its tiles start at stage0, and the copies of next_unit start after
-  // the barrier of its last tile.
-  __device__ __forceinline__ void run_unit(int tid, const int n_tiles, const int first_masked,
-                                           const int stage0, const uint32_t next_unit) {
     prologue(tid);
 
 #pragma unroll
@@ -208,19 +183,14 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int e = 0; e < 4; ++e) lsum[0][e] = 0.0f;
 
     for (int it = 0; it < n_tiles; ++it) {
-      const int stage = (stage0 + it) % Tr::kStages;
       cp_async_wait<Tr::kStages - 2>();
-      if constexpr (kRelPos) relpos_tile(tid, stage);
-      __syncthreads();  // tile `it` landed for every thread; the previous tile's stage is free
+      if constexpr (kRelPos) relpos_tile(tid, it % Tr::kStages);
+      __syncthreads();  // tile `it` landed for every thread; stage (it-1) % kStages is free
       const int next = it + Tr::kStages - 1;
-      if (next < n_tiles) {
-        load_tile_checked((stage0 + next) % Tr::kStages, n_tiles - 1 - next, tid, first_masked);
-      } else if constexpr (kPersistent) {
-        if (next == n_tiles) prefetch_unit(next_unit, (stage0 + next) % Tr::kStages, tid);
-      }
+      if (next < n_tiles) load_tile_checked(next % Tr::kStages, n_tiles - 1 - next, tid, first_masked);
       cp_async_commit();
       const int n_tile = n_tiles - 1 - it;
-      const unsigned char* st = smem + stage * Tr::kStageBytes;
+      const unsigned char* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
       const int key0 = n_tile * kBlockN;
 #if defined(BINFORMER_FWD_HOST_EMULATION)
       fwd_emulation::count_tile(fixed, kPTable);  // coverage of the fixed / online / table paths
@@ -257,69 +227,6 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) m_run[r] += lse_shift[r];  // the epilogue's lse in log2 units
     this->epilogue();
-  }
-
-  // ============================================================================== persistent grid
-  // Short key ranges spend much of a block's life on its first DRAM round trips (the Q rows, the
-  // first key tile) and its epilogue (ViT-B: ~4.4 us of ~8.5 us per unit, NOTES v16). A persistent
-  // block issues the next unit's first tile and raw Q rows (cp.async, one group) right after the
-  // barrier of its last tile, into the stage that barrier freed and the raw-Q area; they land
-  // while the last tile and the epilogue run, and the next prologue packs the signs from shared
-  // memory. (2 stages: the copies run one tile ahead, so at most one unit ahead, and the raw-Q
-  // area is free once the prologue packed it.)
-  int copy_bh;  // the (b, h) of the tiles being copied (the next unit's once its first tile is issued)
-
-  __device__ __forceinline__ void prefetch_unit(uint32_t next_unit, int stage, int tid) {
-    if (next_unit >= uint32_t(a.num_m_blocks) * uint32_t(a.B * a.H)) return;
-    const typename Base::Unit u = Base::unit_of(next_unit);
-    copy_bh = u.bh;
-    copy_setup(tid, u.bh / a.H, u.bh % a.H);
-    load_tile_checked(stage, u.kt.n_tiles - 1, tid, u.kt.first_masked);
-    issue_q_raw(tid, u.bh, u.m0);
-  }
-
-  // The unit's Q rows (d <= 64 16-bit elements, 16-byte aligned rows: launch.h) into the raw-Q
-  // area, row r at r * 128 bytes; rows past Nq zero-filled.
-  __device__ __forceinline__ void issue_q_raw(int tid, int qbh, int qm0) {
-    if constexpr (kPersistent) {
-      const int qb = qbh / a.H, qh = qbh % a.H;
-      const char* q_head = static_cast<const char*>(a.q) +
-                           (int64_t(qb) * a.q_stride[0] + int64_t(qh) * a.q_stride[1]) * 2;
-      const uint32_t raw = smem_u32(smem + Tr::kOffQRaw);
-      const int d_chunks = a.d / 8;
-      static_assert((kBlockM * 8) % kThreads == 0, "whole raw-Q passes");
-#pragma unroll
-      for (int it = 0; it < kBlockM * 8 / kThreads; ++it) {
-        const int idx = tid + it * kThreads;
-        const int r = idx / 8, c = idx % 8, i = qm0 + r;
-        if (c < d_chunks) {
-          const bool ok = i < a.Nq;
-          cp_async_16(raw + uint32_t(r * Tr::kQRawRowBytes + c * 16),
-                      q_head + int64_t(ok ? i : qm0) * a.q_stride[2] * 2 + c * 16, ok ? 16 : 0);
-        }
-      }
-    }
-  }
-
-  // pack_q_signs (kernel.h) from the raw-Q area: the same bytes in the Q stage.
-  __device__ __forceinline__ void pack_q_from_raw(int tid) {
-    unsigned char* sq = smem + Tr::kOffQ;
-    const uint32_t raw = smem_u32(smem + Tr::kOffQRaw);
-    const int d_bytes = a.d / 8;
-    const bool bf16 = a.q_dtype == DType::kBFloat16;
-#pragma unroll
-    for (int it = 0; it < kBlockM * 8 / kThreads; ++it) {
-      const int idx = tid + it * kThreads;
-      const int r = idx / 8, c = idx % 8, i = m0 + r;
-      const float factor = this->query_factor(min(i, a.Nq - 1));
-      const uint4 v = ld_shared_v4(raw + uint32_t(r * Tr::kQRawRowBytes + c * 16));
-      const uint32_t byte = bf16 ? signs_of_8x16<true>(v) : signs_of_8x16<false>(v);
-      const bool ok = i < a.Nq && c < d_bytes;
-      sq[r * 32 + c] = static_cast<unsigned char>(ok ? byte ^ (a.scale * factor < 0.0f ? 0xFFu : 0u) : 0u);
-    }
-    // Words 2-7 of every row (kQBytes = 8) are read for the popcount: zero.
-    uint32_t* sq32 = reinterpret_cast<uint32_t*>(sq);
-    for (int idx = tid; idx < kBlockM * 6; idx += kThreads) sq32[(idx / 6) * 8 + 2 + idx % 6] = 0u;
   }
 
   // Rel-pos per key tile: rel_tile / rel_last for the tile; streamed, each thread also converts
@@ -396,12 +303,11 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // The thread's first V key row in a tile (recomputed where needed: masked tiles only).
   __device__ __forceinline__ static int v_row0(int tid) { return kVRowsMap ? tid / kVChunks : tid % 8; }
 
-  // The V copy of the unit of (vb, vh): the block's own, or a persistent block's next one.
-  __device__ __forceinline__ void copy_setup(int tid, int vb, int vh) {
+  __device__ __forceinline__ void copy_setup(int tid) {
     const int r0 = v_row0(tid);
     const int c = kVRowsMap ? tid % kVChunks : tid / 8;
     const char* v_head =
-        static_cast<const char*>(a.v) + (int64_t(vb) * a.v_stride[0] + int64_t(vh) * a.v_stride[1]) * 2;
+        static_cast<const char*>(a.v) + (int64_t(b) * a.v_stride[0] + int64_t(h) * a.v_stride[1]) * 2;
     cp.v_src = v_head + int64_t(r0) * (a.v_stride[2] * 2) + c * 16;
     cp.v_dst = v_stage_offset(r0, tid < kVCopyThreads ? c : 0);  // (threads past kVCopyThreads copy no V)
     cp.v_bytes = 16;
@@ -422,7 +328,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     const uint32_t st_addr = smem_u32(st);
     const int key0 = n_tile * kBlockN;
     // The workspace rows are padded to whole tiles: no key checks.
-    const int64_t key_row = int64_t(kPersistent ? copy_bh : bh) * a.nk_pad + key0;
+    const int64_t key_row = int64_t(bh) * a.nk_pad + key0;
     const char* k_tile = reinterpret_cast<const char*>(a.k_bits) + key_row * kKRowBytes;
     Base::template copy_chunks<kKChunks>(tid, [&](int c) {
       cp_async_16(st_addr + k_stage_offset(c), k_tile + uint32_t(c) * 16u, 16);
@@ -533,13 +439,7 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   // Q signs -> shared memory (one byte of 8 signs per load, all loads of a thread in flight
   // together), the rel-pos window to z units, then the fragments and the row constants.
   __device__ __forceinline__ void prologue(int tid) {
-    if constexpr (kPersistent) {
-      cp_async_wait<0>();  // the raw Q rows (and the unit's first tile, waited for next anyway)
-      __syncthreads();
-      pack_q_from_raw(tid);
-    } else {
-      Base::template pack_q_signs<kQBytes>(tid);
-    }
+    Base::template pack_q_signs<kQBytes>(tid);
     float rmax2 = 0.0f, rmin2 = 0.0f;  // the head's table range in log2 units
     range_ok = true;
     if constexpr (kRelPos) {

@@ -1,6 +1,5 @@
 // Launch templates of the forward kernels; included only by the generated instantiation files.
 #pragma once
-#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -35,19 +34,7 @@ cudaError_t launch_kernel(Kernel kernel, FwdArgs& args, size_t smem, cudaStream_
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  long long blocks = (long long)args.num_m_blocks * args.B * args.H;
-  if constexpr (Tr::kPersistent) {  // as many blocks as fit at once (kernel_bounded.h "persistent grid")
-    int dev = 0, sms = 0, per_sm = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess &&
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Tr::kThreads, smem) == cudaSuccess &&
-        per_sm > 0) {
-      blocks = std::min(blocks, (long long)sms * per_sm);
-    }
-    // BINFORMER_FWD_PERSISTENT_BLOCKS=n caps the grid (tests: several units a block on small shapes).
-    const char* cap = std::getenv("BINFORMER_FWD_PERSISTENT_BLOCKS");
-    if (cap != nullptr && std::atoi(cap) > 0) blocks = std::min(blocks, (long long)std::atoi(cap));
-  }
+  const long long blocks = (long long)args.num_m_blocks * args.B * args.H;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(blocks));
   config.blockDim = dim3(Tr::kThreads);
@@ -183,31 +170,10 @@ cudaError_t launch_bounded(FwdArgs args, cudaStream_t stream) {
   }
 }
 
-// The persistent grid of the wide wgmma kernel at Dv = 64, d <= 64 without rel-pos (kernel_bounded.h):
-// 16-bit Q with 16-byte aligned rows. BINFORMER_FWD_PERSISTENT (read at every call: A/B in one
-// process): 0 never, 1 wherever it applies (causal too), unset: kFwdPersistentDefault, not causal
-// (the units' key ranges differ there, and the grid deals them out round-robin).
-#ifndef BINFORMER_FWD_PERSISTENT_DEFAULT
-#define BINFORMER_FWD_PERSISTENT_DEFAULT 0  // (off until measured on the device: NOTES v16)
-#endif
-inline bool fwd_persistent_wanted(const FwdArgs& args) {
-  const char* env = std::getenv("BINFORMER_FWD_PERSISTENT");
-  const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
-  const bool off = env != nullptr ? std::strcmp(env, "1") != 0 : !BINFORMER_FWD_PERSISTENT_DEFAULT;
-  if (off) return false;
-  return args.d <= 64 && (args.q_dtype == DType::kFloat16 || args.q_dtype == DType::kBFloat16) &&
-         args.q_vec_ok && (forced || !args.causal);
-}
-
 template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, BoundedShape kShape, bool kWgmma = false,
           int kWgmmaWideBlocks = 2>
 cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
   constexpr int kB = kWgmmaWideBlocks;
-  if constexpr (kWgmma && !kRelPos && kShape == BoundedShape::kWide && kDvPad == 64 && !kDvMasked) {
-    if (fwd_persistent_wanted(args)) {
-      return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, false, kShape, true, kB, false, true>>(args, stream);
-    }
-  }
   if constexpr (kWgmma && !kRelPos && kShape == BoundedShape::kNarrow) {  // (narrow only: NOTES v12)
     if (args.d <= 64 && fwd_p_table_wanted(args)) {
       return launch_bounded<FwdTraits<kDvPad, kPv, kDvMasked, false, QK::kDup128, false, kShape, true, kB, true>>(args, stream);

@@ -29,9 +29,8 @@ namespace ref = binformer::test::attention_fwd_ref;
 namespace {
 
 // kOnlineBias: rel-pos via kernel.h; kWgmma: the bounded kernel's sm_90a variant (Dv = 64..128);
-// kWgmmaNarrow: the same on the narrow one-warpgroup block (64 rows, Dv = 64); kWgmmaPersistent:
-// the wide Dv = 64 one on a persistent grid of about a third of the units (d <= 64, no rel-pos).
-enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma, kWgmmaNarrow, kWgmmaPersistent };
+// kWgmmaNarrow: the same on the narrow one-warpgroup block (64 rows, Dv = 64).
+enum class Kernel { kBounded, kOnline, kOnlineBias, kWgmma, kWgmmaNarrow };
 
 struct Case {
   std::string name;
@@ -102,15 +101,8 @@ void launch(FwdArgs args) {
       smem += (size_t(args.relpos_window) * 4 + 15) / 16 * 16;
     }
   }
-  // A persistent grid runs ~3 units a block (launch.h: as many blocks as fit at once), the grid
-  // not a multiple of the row blocks, so that a block's units have different rows too.
-  const unsigned units = unsigned(args.num_m_blocks * args.B * args.H);
-  unsigned grid = units;
-  if (Tr::kPersistent) {
-    grid = std::max(1u, (units + 2) / 3);
-    if (grid > 1 && grid % unsigned(args.num_m_blocks) == 0) --grid;
-  }
-  bwd_emulation::launch(entry<Tr>, grid, unsigned(Tr::kThreads), smem, args);
+  bwd_emulation::launch(entry<Tr>, unsigned(args.num_m_blocks * args.B * args.H), unsigned(Tr::kThreads),
+                        smem, args);
 }
 
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
@@ -147,15 +139,6 @@ void dispatch_kernel(FwdArgs& args, Kernel kernel, bool p_table) {
       if (wgmma_emulation::wgmma_issued_total() == before) std::abort();
     } else {
       std::abort();  // (Dv = 64 only)
-    }
-  } else if (kernel == Kernel::kWgmmaPersistent) {
-    if constexpr (kDv == 64 && !kRelPos && !kMasked) {
-      if (args.d > 64) std::abort();
-      const long long before = wgmma_emulation::wgmma_issued_total();
-      launch<FwdTraits<64, kPv, false, false, QK::kDup128, false, BoundedShape::kWide, true, 2, false, true>>(args);
-      if (wgmma_emulation::wgmma_issued_total() == before) std::abort();
-    } else {
-      std::abort();  // (Dv = 64 without rel-pos only)
     }
   } else if (kernel == Kernel::kOnline) {
     using Tr = FwdTraits<kDv, kPv, kMasked, false>;
@@ -525,27 +508,6 @@ int main(int argc, char** argv) {
     Case c; c.kernel = Kernel::kWgmmaNarrow; c.name = "narrow_vitb_197"; c.Nq = c.Nk = 197; nw.push_back(c);
     c.name = "narrow_d128_nk700_bf16"; c.d = 128; c.bf16 = true; c.Nq = 130; c.Nk = 700; nw.push_back(c);
     for (Case& w : nw) add(w);
-  }
-  {  // the persistent grid (kernel_bounded.h) on every wide Dv = 64 wgmma case at d <= 64 without
-     // rel-pos (the emulated grid gives each block ~3 units: the stage ring continues across
-     // units of 1, 2 and 3 key tiles, the next unit's Q rows and first tile are copied during
-     // the last tile), plus ViT-B on 36 units and a causal one (BINFORMER_FWD_PERSISTENT=1)
-    std::vector<Case> ps;
-    for (const Case& c : cases) {
-      if (c.kernel != Kernel::kWgmma || c.dv != 64 || c.d > 64 || c.relpos) continue;
-      Case w = c;
-      w.kernel = Kernel::kWgmmaPersistent;
-      w.name.replace(w.name.find("wgmma_"), 6, "persistent_");
-      ps.push_back(w);
-    }
-    Case c; c.kernel = Kernel::kWgmmaPersistent; c.name = "persistent_vitb_197_36units"; c.B = 3; c.H = 6;
-    c.Nq = c.Nk = 197; ps.push_back(c);
-    c.name = "persistent_nk100_one_tile_bf16"; c.B = 1; c.H = 3; c.Nq = 300; c.Nk = 100; c.bf16 = true; ps.push_back(c);
-    c.name = "persistent_nk300_three_tiles"; c.bf16 = false; c.Nk = 300; c.d = 48; c.negative = true; ps.push_back(c);
-    c.name = "persistent_causal_300"; c.d = 64; c.negative = false; c.Nk = 300; c.causal = true; ps.push_back(c);
-    c.name = "persistent_out_pad8"; c.causal = false; c.out_pad = 8; ps.push_back(c);
-    c.name = "persistent_out_unaligned"; c.out_pad = 3; c.out_offset = 1; ps.push_back(c);
-    for (Case& w : ps) add(w);
   }
   {  // the ex2 fixed path where the P table would run (BINFORMER_FWD_PTABLE=0), on the wgmma shapes
     std::vector<Case> nt;
