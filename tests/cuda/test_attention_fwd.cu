@@ -1169,6 +1169,8 @@ TEST(AttentionFwdValidation, RejectsInvalidArguments) {
 //   binformer_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*AttentionFwdBench*'
 // Prints the median of 20 timed calls (after 3 warm-up calls) and the exp floor B*H*Nq*Nk/4.2e12.
 // BINFORMER_FWD_BENCH_ONLY=<substring> keeps the shapes whose name contains it (for profilers).
+// BINFORMER_FWD_BENCH_Q_BITS=1 passes Q as packed sign words (DType::kBits, packed here): what the
+// op would cost with Q packed outside the kernel (NOTES v16).
 // Scales as in bench/bench_gpu.py (per-head alpha_q = alpha_k = 0.8 ~ mean |N(0,1)|), rel-pos
 // tables 0.1 * N(0,1)-like values.
 TEST(AttentionFwdBench, DISABLED_PeerShapes) {
@@ -1207,7 +1209,23 @@ TEST(AttentionFwdBench, DISABLED_PeerShapes) {
     DeviceBuffer q(n_qk * 2), k(n_qk * 2), v(n_qk * 2), out(n_qk * 2), lse(size_t(sh.B) * sh.H * sh.N * 4);
     std::vector<uint8_t> bytes(size_t(n_qk) * 2);
     std::memcpy(bytes.data(), host.data(), bytes.size());
-    q.upload(bytes);
+    const char* q_bits_env = std::getenv("BINFORMER_FWD_BENCH_Q_BITS");
+    const bool q_bits = q_bits_env != nullptr && std::string(q_bits_env) == "1";
+    const int q_words = (sh.d + 31) / 32;
+    if (q_bits) {  // bit c % 32 of word c / 32 = !(x < 0), as pack_sign
+      std::vector<uint32_t> words(size_t(n_qk / sh.d) * q_words, 0u);
+      for (int64_t row = 0; row < n_qk / sh.d; ++row)
+        for (int c = 0; c < sh.d; ++c) {
+          const uint16_t hbits = host[size_t(row * sh.d + c)];
+          const bool negative = (hbits & 0x8000u) != 0 && (hbits & 0x7FFFu) != 0 && (hbits & 0x7FFFu) <= 0x7C00u;
+          if (!negative) words[size_t(row) * q_words + c / 32] |= 1u << (c % 32);
+        }
+      std::vector<uint8_t> wbytes(words.size() * 4);
+      std::memcpy(wbytes.data(), words.data(), wbytes.size());
+      q.upload(wbytes);
+    } else {
+      q.upload(bytes);
+    }
     k.upload(bytes);
     v.upload(bytes);
     const int T = (2 * sh.wh - 1) * (2 * sh.wh - 1) + 3;
@@ -1245,6 +1263,12 @@ TEST(AttentionFwdBench, DISABLED_PeerShapes) {
       st[2] = sh.d;
       st[1] = int64_t(p.Nq) * sh.d;
       st[0] = int64_t(sh.H) * st[1];
+    }
+    if (q_bits) {
+      p.q_dtype = DType::kBits;
+      p.q_stride[2] = q_words;
+      p.q_stride[1] = int64_t(p.Nq) * q_words;
+      p.q_stride[0] = int64_t(sh.H) * p.q_stride[1];
     }
     // BinaryAttention: per-(batch, head) alpha_q and alpha_k.
     p.q_scale = p.k_scale = static_cast<float*>(scales.ptr);

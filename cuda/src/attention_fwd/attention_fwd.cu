@@ -22,6 +22,7 @@ using fwd::FwdArgs;
 using fwd::PackKeysArgs;
 using fwd::PvKind;
 using fwd::fwd_pack_keys_kernel;
+using fwd::fwd_pack_keys_pairs_kernel;
 using fwd::kPackThreads;
 
 constexpr int64_t kRelPosSmemCapBytes = 32 * 1024;  // larger tables are read through L1
@@ -104,8 +105,21 @@ cudaError_t validate(const AttentionFwdParams& p) {
   return cudaSuccess;
 }
 
+// BINFORMER_FWD_PACK_PAIRS=0 (read at every call: A/B in one process) keeps the 8-lanes pre-pass
+// where the two-lanes one applies (16-bit K, 16-byte aligned rows, d <= 64).
+bool pack_pairs_wanted() {
+  const char* env = std::getenv("BINFORMER_FWD_PACK_PAIRS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 cudaError_t launch_pack_keys(const PackKeysArgs& pk, DType dtype, bool vec_ok, unsigned blocks,
                              cudaStream_t stream) {
+  if ((dtype == DType::kFloat16 || dtype == DType::kBFloat16) && vec_ok && pk.d <= 64 && pk.k_words == 4 &&
+      pack_pairs_wanted()) {
+    if (dtype == DType::kFloat16) fwd_pack_keys_pairs_kernel<false><<<blocks, kPackThreads, 0, stream>>>(pk);
+    else fwd_pack_keys_pairs_kernel<true><<<blocks, kPackThreads, 0, stream>>>(pk);
+    return cudaGetLastError();
+  }
   if (dtype == DType::kFloat16) {
     if (vec_ok) fwd_pack_keys_kernel<DType::kFloat16, true><<<blocks, kPackThreads, 0, stream>>>(pk);
     else fwd_pack_keys_kernel<DType::kFloat16, false><<<blocks, kPackThreads, 0, stream>>>(pk);

@@ -164,4 +164,69 @@ __global__ void __launch_bounds__(kPackThreads)
   }
 }
 
+// The pre-pass for 16-bit K with 16-byte aligned rows at d <= 64 (k_words = 4; NOTES v16): two
+// lanes a row. Lane p of a pair loads the 16-byte chunks p, p + 2, p + 4, p + 6 of its row, so that
+// each of its 4 loads (all in flight before the first use) and its partner's cover one whole
+// 32-byte sector (the 8-lanes kernel above repeats the row's address, factor and popcount
+// shuffles on 8 lanes: 41 warp instructions a row, ncu run 40; one thread a row, v15, read half
+// sectors and measured slower). One shuffle swaps the pair's sign bytes; the even lane writes
+// the row (sign words, then ~k within d) as one 16-byte store, the odd lane the constants.
+template <bool kBF16>
+__global__ void __launch_bounds__(kPackThreads)
+    fwd_pack_keys_pairs_kernel(const __grid_constant__ PackKeysArgs a) {
+  griddep_launch_dependents();  // (as fwd_pack_keys_kernel)
+  if (int64_t(blockIdx.x) >= a.pack_blocks) {
+    relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
+    return;
+  }
+  const uint32_t bh = blockIdx.x / uint32_t(a.blocks_per_head);
+  const int j = int(blockIdx.x - bh * uint32_t(a.blocks_per_head)) * kPackRowsPerBlock + int(threadIdx.x / 2);
+  const uint32_t b = bh / uint32_t(a.H), h = bh - b * uint32_t(a.H);
+  const int p = int(threadIdx.x % 2);
+  const int d_bytes = a.d / 8;
+  const int j_load = min(j, a.Nk - 1);  // (rows past Nk read row Nk - 1, then count as zero)
+  const float scale = a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
+                                                   int64_t(h) * a.k_scale_stride[1] +
+                                                   int64_t(j_load) * a.k_scale_stride[2])
+                                           : 1.0f;
+  const uint4* k_row = reinterpret_cast<const uint4*>(
+      static_cast<const char*>(a.k) +
+      (int64_t(b) * a.k_stride[0] + int64_t(h) * a.k_stride[1] + int64_t(j_load) * a.k_stride[2]) * 2);
+  uint4 chunk[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) chunk[k] = __ldg(k_row + (p + 2 * k < d_bytes ? p + 2 * k : 0));
+  const bool row_ok = j < a.Nk;
+  const uint32_t flip = row_ok && scale < 0.0f ? 0xFFu : 0u;
+  uint32_t mine = 0;  // this lane's sign bytes p, p + 2, p + 4, p + 6 of the row, in bytes 0..3
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t byte = (signs_of_8x16<kBF16>(chunk[k]) ^ flip) & 0xFFu;
+    mine |= (row_ok && p + 2 * k < d_bytes ? byte : 0u) << (8 * k);
+  }
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+  const uint32_t even = p == 0 ? mine : other, odd = p == 0 ? other : mine;  // row bytes 0,2,4,6 / 1,3,5,7
+  const uint32_t w0 = (even & 0xFFu) | ((odd & 0xFFu) << 8) | ((even & 0xFF00u) << 8) | ((odd & 0xFF00u) << 16);
+  const uint32_t w1 = ((even >> 16) & 0xFFu) | ((odd >> 8) & 0xFF00u) | ((even >> 8) & 0xFF0000u) | (odd & 0xFF000000u);
+  const int64_t row = int64_t(bh) * a.nk_pad + j;
+  if (p == 0) {
+    // words 2-3: ~k within d (the P table's p(~q & ~k), see fwd_pack_keys_kernel); rows past Nk
+    // get all d bits (their keys are masked)
+    const uint32_t m0 = d_bytes >= 4 ? ~0u : (1u << (8 * d_bytes)) - 1u;
+    const uint32_t m1 = d_bytes >= 8 ? ~0u : d_bytes > 4 ? (1u << (8 * (d_bytes - 4))) - 1u : 0u;
+    reinterpret_cast<uint4*>(a.k_bits)[row] = make_uint4(w0, w1, ~w0 & m0, ~w1 & m1);
+  } else {
+    const int pc = __popc(w0) + __popc(w1);
+    a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));  // -(1.5 * 2^24) - 2 p(k_j), see kernel.h
+    if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = row_ok ? fabsf(scale) : 0.0f;
+    if (a.relpos_off != nullptr && bh == 0) {
+      int off = 0;
+      if (row_ok && j >= a.relpos_prefix) {
+        const int pj = j - a.relpos_prefix;
+        off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
+      }
+      a.relpos_off[j] = off;
+    }
+  }
+}
+
 }  // namespace binformer::cuda::fwd
