@@ -37,6 +37,7 @@
 #include "../../cuda/src/attention_fwd/tile_config.h"
 #include "../../cuda/src/attention_fwd/workspace_layout.h"
 #include "attention_fwd_reference.h"
+#include "host_float_bits.h"
 #include "binformer/cuda_kernels.h"
 
 namespace {
@@ -1170,7 +1171,7 @@ TEST(AttentionFwdValidation, RejectsInvalidArguments) {
 // Prints the median of 20 timed calls (after 3 warm-up calls) and the exp floor B*H*Nq*Nk/4.2e12.
 // BINFORMER_FWD_BENCH_ONLY=<substring> keeps the shapes whose name contains it (for profilers).
 // BINFORMER_FWD_BENCH_Q_BITS=1 passes Q as packed sign words (DType::kBits, packed here): what the
-// op would cost with Q packed outside the kernel (NOTES v16).
+// op would cost with Q packed outside the kernel (NOTES v17).
 // Scales as in bench/bench_gpu.py (per-head alpha_q = alpha_k = 0.8 ~ mean |N(0,1)|), rel-pos
 // tables 0.1 * N(0,1)-like values.
 TEST(AttentionFwdBench, DISABLED_PeerShapes) {
@@ -1211,14 +1212,14 @@ TEST(AttentionFwdBench, DISABLED_PeerShapes) {
     std::memcpy(bytes.data(), host.data(), bytes.size());
     const char* q_bits_env = std::getenv("BINFORMER_FWD_BENCH_Q_BITS");
     const bool q_bits = q_bits_env != nullptr && std::string(q_bits_env) == "1";
-    const int q_words = (sh.d + 31) / 32;
+    const int q_words = binformer::words_for(sh.d);
     if (q_bits) {  // bit c % 32 of word c / 32 = !(x < 0), as pack_sign
       std::vector<uint32_t> words(size_t(n_qk / sh.d) * q_words, 0u);
       for (int64_t row = 0; row < n_qk / sh.d; ++row)
         for (int c = 0; c < sh.d; ++c) {
-          const uint16_t hbits = host[size_t(row * sh.d + c)];
-          const bool negative = (hbits & 0x8000u) != 0 && (hbits & 0x7FFFu) != 0 && (hbits & 0x7FFFu) <= 0x7C00u;
-          if (!negative) words[size_t(row) * q_words + c / 32] |= 1u << (c % 32);
+          if (!(binformer::test::half_bits_to_double(host[size_t(row * sh.d + c)]) < 0.0)) {
+            words[size_t(row) * q_words + c / 32] |= 1u << (c % 32);
+          }
         }
       std::vector<uint8_t> wbytes(words.size() * 4);
       std::memcpy(wbytes.data(), words.data(), wbytes.size());

@@ -80,6 +80,24 @@ __device__ void relpos_range_block(const PackKeysArgs& a, int h) {
   }
 }
 
+// Per-row pieces of both pre-pass kernels: key j's scale factor (1 without k_scale), the column
+// constant -(1.5 * 2^24) - 2 p(k_j) (exact in fp32: 2-unit steps in that binade, see kernel.h),
+// and key j's rel-pos column offset (0 for prefix keys and rows past Nk).
+__device__ __forceinline__ float key_scale(const PackKeysArgs& a, uint32_t b, uint32_t h, int j) {
+  return a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
+                                      int64_t(h) * a.k_scale_stride[1] + int64_t(j) * a.k_scale_stride[2])
+                              : 1.0f;
+}
+__device__ __forceinline__ float key_colc(int popcount) { return -(25165824.0f + 2.0f * float(popcount)); }
+__device__ __forceinline__ void write_relpos_off(const PackKeysArgs& a, int j) {
+  int off = 0;
+  if (j < a.Nk && j >= a.relpos_prefix) {
+    const int pj = j - a.relpos_prefix;
+    off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
+  }
+  a.relpos_off[j] = off;
+}
+
 template <DType kDtype, bool kVec>
 __global__ void __launch_bounds__(kPackThreads)
     fwd_pack_keys_kernel(const __grid_constant__ PackKeysArgs a) {
@@ -105,11 +123,8 @@ __global__ void __launch_bounds__(kPackThreads)
   float bj[kPackRowsPerThread];
 #pragma unroll
   for (int i = 0; i < kPackRowsPerThread; ++i) {
-    const int j = j0 + i * (kPackThreads / 8), j_load = min(j, a.Nk - 1);
-    const float scale = a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
-                                                     int64_t(h) * a.k_scale_stride[1] +
-                                                     int64_t(j_load) * a.k_scale_stride[2])
-                                             : 1.0f;
+    const int j = j0 + i * (kPackThreads / 8);
+    const float scale = key_scale(a, b, h, min(j, a.Nk - 1));  // (unconditional: loads in flight together)
     bj[i] = j < a.Nk ? scale : 1.0f;
   }
 #pragma unroll
@@ -149,22 +164,14 @@ __global__ void __launch_bounds__(kPackThreads)
     // (kernel_bounded.h). Rows past Nk get all d bits: their keys are masked.
     if (d_bytes <= 8) kb[c + 8] = c < d_bytes ? static_cast<unsigned char>(~bytes[i][0]) : 0;
     if (c == 0) {
-      // -(1.5 * 2^24) - 2 p(k_j): exact in fp32 (2-unit steps in that binade), see kernel.h.
-      a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));
+      a.k_colc[row] = key_colc(pc);
       if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = j < a.Nk ? fabsf(bj[i]) : 0.0f;
     }
-    if (c == 1 && a.relpos_off != nullptr && bh == 0) {
-      int off = 0;
-      if (j < a.Nk && j >= a.relpos_prefix) {
-        const int pj = j - a.relpos_prefix;
-        off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
-      }
-      a.relpos_off[j] = off;
-    }
+    if (c == 1 && a.relpos_off != nullptr && bh == 0) write_relpos_off(a, j);
   }
 }
 
-// The pre-pass for 16-bit K with 16-byte aligned rows at d <= 64 (k_words = 4; NOTES v16): two
+// The pre-pass for 16-bit K with 16-byte aligned rows at d <= 64 (k_words = 4; NOTES v17): two
 // lanes a row. Lane p of a pair loads the 16-byte chunks p, p + 2, p + 4, p + 6 of its row, so that
 // each of its 4 loads (all in flight before the first use) and its partner's cover one whole
 // 32-byte sector (the 8-lanes kernel above repeats the row's address, factor and popcount
@@ -185,10 +192,7 @@ __global__ void __launch_bounds__(kPackThreads)
   const int p = int(threadIdx.x % 2);
   const int d_bytes = a.d / 8;
   const int j_load = min(j, a.Nk - 1);  // (rows past Nk read row Nk - 1, then count as zero)
-  const float scale = a.k_scale != nullptr ? __ldg(a.k_scale + int64_t(b) * a.k_scale_stride[0] +
-                                                   int64_t(h) * a.k_scale_stride[1] +
-                                                   int64_t(j_load) * a.k_scale_stride[2])
-                                           : 1.0f;
+  const float scale = key_scale(a, b, h, j_load);
   const uint4* k_row = reinterpret_cast<const uint4*>(
       static_cast<const char*>(a.k) +
       (int64_t(b) * a.k_stride[0] + int64_t(h) * a.k_stride[1] + int64_t(j_load) * a.k_stride[2]) * 2);
@@ -216,16 +220,9 @@ __global__ void __launch_bounds__(kPackThreads)
     reinterpret_cast<uint4*>(a.k_bits)[row] = make_uint4(w0, w1, ~w0 & m0, ~w1 & m1);
   } else {
     const int pc = __popc(w0) + __popc(w1);
-    a.k_colc[row] = -(25165824.0f + 2.0f * float(pc));  // -(1.5 * 2^24) - 2 p(k_j), see kernel.h
+    a.k_colc[row] = key_colc(pc);
     if (a.k_scale_abs != nullptr) a.k_scale_abs[row] = row_ok ? fabsf(scale) : 0.0f;
-    if (a.relpos_off != nullptr && bh == 0) {
-      int off = 0;
-      if (row_ok && j >= a.relpos_prefix) {
-        const int pj = j - a.relpos_prefix;
-        off = (pj / a.relpos_ww) * (2 * a.relpos_ww - 1) + pj % a.relpos_ww;
-      }
-      a.relpos_off[j] = off;
-    }
+    if (a.relpos_off != nullptr && bh == 0) write_relpos_off(a, j);
   }
 }
 
