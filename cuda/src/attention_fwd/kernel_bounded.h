@@ -155,7 +155,11 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   __device__ void run() {
     const int tid = threadIdx.x;
     const auto kt = Base::setup_block(tid);
-    copy_setup(tid);
+    if constexpr (Tr::kTma) {
+      if (tid == 0) tma_init_barriers();
+    } else {
+      copy_setup(tid);
+    }
     const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
     // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
@@ -183,7 +187,11 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int e = 0; e < 4; ++e) lsum[0][e] = 0.0f;
 
     for (int it = 0; it < n_tiles; ++it) {
-      cp_async_wait<Tr::kStages - 2>();
+      if constexpr (Tr::kTma) {
+        mbar_wait(tma_barrier(it % Tr::kStages), uint32_t(it / Tr::kStages) & 1u);
+      } else {
+        cp_async_wait<Tr::kStages - 2>();
+      }
       if constexpr (kRelPos) relpos_tile(tid, it % Tr::kStages);
       __syncthreads();  // tile `it` landed for every thread; stage (it-1) % kStages is free
       const int next = it + Tr::kStages - 1;
@@ -315,7 +323,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   }
 
   __device__ __forceinline__ void load_tile_checked(int stage, int n_tile, int tid, int first_masked) {
-    if (n_tile >= first_masked) {
+    if constexpr (Tr::kTma) {
+      if (tid == 0) load_tile_tma(stage, n_tile);
+    } else if (n_tile >= first_masked) {
       load_tile<true>(stage, n_tile, tid);
     } else {
       load_tile<false>(stage, n_tile, tid);
@@ -367,6 +377,33 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         Base::copy_16_sync(st + dst, src, bytes);
       });
     }
+  }
+
+  // TMA (Tr::kTma): thread 0 issues the tile as three copies, completing on the stage's mbarrier:
+  // the K bits and the column constants (contiguous workspace rows) as bulk copies, V as one box
+  // of V's tensor map (tma_desc.h) at {channel 0, key0, h, b}: the 128-byte swizzle is the wgmma
+  // layout (VLayout at Dv = 64), and keys past Nk arrive as zeros, as the masked copies write them.
+  // The block's other threads issue nothing (the cp.async tile is ~75 instructions a thread).
+  static constexpr uint32_t kTmaTileBytes = uint32_t(kBlockN) * (16u + 4u + 128u);
+  __device__ __forceinline__ uint32_t tma_barrier(int stage) const {
+    return smem_u32(smem + Tr::kOffTmaBars) + 8u * uint32_t(stage);
+  }
+  __device__ __forceinline__ void tma_init_barriers() const {
+#pragma unroll
+    for (int s = 0; s < Tr::kStages; ++s) mbar_init(tma_barrier(s), 1);
+    mbar_init_fence();
+  }
+  __device__ __forceinline__ void load_tile_tma(int stage, int n_tile) const {
+    static_assert(Tr::kTma && kKRowBytes == 16 && Tr::kKPitchWords == 4 && VLayout::kTileBytes == kBlockN * 128u,
+                  "TMA tiles: 16-byte K rows, one 128-byte swizzle row a key");
+    const uint32_t st = smem_u32(smem + stage * Tr::kStageBytes);
+    const uint32_t bar = tma_barrier(stage);
+    const int key0 = n_tile * kBlockN;
+    const int64_t key_row = int64_t(bh) * a.nk_pad + key0;
+    mbar_arrive_expect_tx(bar, kTmaTileBytes);
+    tma_bulk_load(st + Tr::kOffKBits, reinterpret_cast<const char*>(a.k_bits) + key_row * 16, kBlockN * 16u, bar);
+    tma_bulk_load(st + Tr::kOffColc, a.k_colc + key_row, kBlockN * 4u, bar);
+    tma_load_4d(st + Tr::kOffV, &a.v_tma, 0, key0, h, b, bar);
   }
 
   // Calls copy(stage offset, source, bytes) for this thread's V chunks of the tile at key0
@@ -534,6 +571,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     }
     // wgmma: one vote per block (the fixed and online paths issue different wgmma instructions).
     if constexpr (kWgmma) {
+      // TMA: the shared memory written so far (packed Q, which the last stage aliases, the P
+      // table) before the asynchronous proxy's writes and reads.
+      if constexpr (Tr::kTma) fence_proxy_async_smem();
       fixed = __syncthreads_and(start_fixed) != 0;
     } else {
       fixed = __all_sync(0xffffffffu, start_fixed);
