@@ -17,7 +17,8 @@ struct alignas(128) TmaDescriptor {
 };
 // The tensor a TmaDescriptor describes: a [dims[3]][dims[2]][dims[1]][dims[0]] array of 16-bit
 // elements (dims[0] contiguous) with byte strides for dims 1-3, read in boxes of box[0..3]
-// elements with the 128-byte swizzle (tma_desc.h encodes it; the host emulator copies it).
+// elements whose rows of box[0] * 2 bytes land swizzled over that span (none for 16 bytes;
+// tma_desc.h encodes it; the host emulator copies it).
 struct TmaTensor4d {
   const void* base;
   uint64_t dims[4];
@@ -58,7 +59,7 @@ struct FwdArgs {
   int64_t v_stride[3];
   bool v_async_ok;  // every V row chunk is 16-byte aligned (cp.async); else synchronous copies
   // V as a [B][H][Nk][dv] 16-bit tensor for the TMA key tiles (Tr::kTma kernels; tma_desc.h):
-  // boxes of 64 channels x one key tile, 128-byte swizzle, keys past Nk zero-filled.
+  // boxes of one wgmma column block (8 W channels) x one key tile, keys past Nk zero-filled.
   TmaDescriptor v_tma;
 
   void* out;

@@ -114,15 +114,18 @@ std::atomic<long long> g_tma_launches{0};
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
           bool kMasked = false>
 void dispatch(FwdArgs& args, bool p_table = false) {
-  if constexpr (kWgmma && !kRelPos && !kMasked && kDv == 64) {  // as launch.h
-    if (g_tma && args.d <= 64 && fwd_encode_v_tma(args, BINFORMER_FWD_BOUNDED_BLOCK_N)) {
+  if constexpr (kWgmma && !kMasked) {  // as launch.h
+    using Probe = FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, true, 2, false, true>;
+    constexpr int kBoxChannels = 8 * WgmmaVLayout<kDv, Probe::kBlockN>::kW;
+    if (g_tma && args.d <= 128 && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
       ++g_tma_launches;
-      if constexpr (kShape == BoundedShape::kNarrow) {
-        if (p_table && fwd_p_table_wanted(args)) {
-          return launch<FwdTraits<64, kPv, false, false, QK::kDup128, false, kShape, true, 2, true, true>>(args);
+      if constexpr (!kRelPos && kShape == BoundedShape::kNarrow) {
+        if (p_table && args.d <= 64 && fwd_p_table_wanted(args)) {
+          return launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, false, kShape, true, 2, true, true>>(args);
         }
       }
-      return launch<FwdTraits<64, kPv, false, false, QK::kDup128, false, kShape, true, 2, false, true>>(args);
+      if (args.d <= 64) return launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos, kShape, true, 2, false, true>>(args);
+      return launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, true, 2, false, true>>(args);
     }
   }
   if constexpr (kWgmma && !kRelPos && !kMasked && kShape == BoundedShape::kNarrow) {  // as launch.h
@@ -375,7 +378,7 @@ bool run_case(const Case& c) {
   }
   // The TMA key tiles run exactly where launch.h takes them.
   const bool tma_expected = c.tma && (c.kernel == Kernel::kWgmma || c.kernel == Kernel::kWgmmaNarrow) &&
-                            dv == 64 && d <= 64 && !c.relpos && args.v_async_ok;
+                            d <= 128 && args.v_async_ok;
   if ((g_tma_launches.load() != tma_before) != tma_expected) {
     std::printf("FAIL %s: TMA key tiles %s\n", c.name.c_str(), tma_expected ? "expected, not run" : "ran unexpectedly");
     return false;
@@ -557,7 +560,7 @@ int main(int argc, char** argv) {
   {  // the cp.async key tiles where the TMA would run (BINFORMER_FWD_TMA=0, or V not TMA-addressable)
     std::vector<Case> nt;
     for (const Case& c : cases) {
-      if ((c.kernel != Kernel::kWgmma && c.kernel != Kernel::kWgmmaNarrow) || c.dv != 64 || c.d > 64 || c.relpos) continue;
+      if ((c.kernel != Kernel::kWgmma && c.kernel != Kernel::kWgmmaNarrow) || c.d > 128) continue;
       Case w = c;
       w.tma = false;
       w.name = "cpasync_" + c.name;

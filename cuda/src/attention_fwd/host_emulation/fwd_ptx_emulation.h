@@ -423,8 +423,8 @@ inline void cp_async_wait() {}
 
 // ------------------------------------------------------------------ TMA and mbarriers
 // Written from the PTX ISA (mbarrier phases and transaction counts; cp.async.bulk and
-// cp.async.bulk.tensor .tile with the 128-byte swizzle: 16-byte chunk j of a 128-byte row at
-// shared address A lands at chunk j ^ ((A >> 7) & 7), out-of-bound elements zero) and the tensor
+// cp.async.bulk.tensor .tile with the 128 / 64 / 32-byte swizzles: 16-byte chunk j of a row at
+// shared address A lands at chunk j ^ ((A >> 7) & (span / 16 - 1)), out-of-bound elements zero) and the tensor
 // geometry that tma_desc.h stores in the descriptor under emulation. The copies complete when
 // issued; the waits spin until the phase has completed (a wrong byte count or parity hangs:
 // aborted after 30 s).
@@ -487,7 +487,13 @@ inline void tma_bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_
 inline void tma_load_4d(uint32_t dst, const void* tmap, int c0, int c1, int c2, int c3, uint32_t bar) {
   TmaTensor4d t;
   std::memcpy(&t, tmap, sizeof(t));
-  if ((dst & 1023u) != 0 || t.box[0] * 2 != 128) std::abort();  // (the 128-byte swizzle as used here)
+  // The swizzle spans a box row (box[0] * 2 = 128, 64, 32 bytes; 16: none): chunk j of the span
+  // XOR address bits 7.. (as many bits as the span has chunk bits); the destination is aligned
+  // to the pattern's repeat (8 rows).
+  const uint32_t span = t.box[0] * 2;
+  if (span != 128 && span != 64 && span != 32 && span != 16) std::abort();
+  const uint32_t swz_mask = span / 16 - 1;
+  if (span > 16 && (dst % (8 * span)) != 0) std::abort();
   const int c[4] = {c0, c1, c2, c3};
   uint32_t off = 0;
   for (uint32_t i3 = 0; i3 < t.box[3]; ++i3)
@@ -504,7 +510,7 @@ inline void tma_load_4d(uint32_t dst, const void* tmap, int c0, int c1, int c2, 
             std::memcpy(&v, src, 2);
           }
           const uint32_t addr = dst + off;
-          std::memcpy(smem_ptr(addr ^ (((addr >> 7) & 7u) << 4)), &v, 2);
+          std::memcpy(smem_ptr(addr ^ (((addr >> 7) & swz_mask) << 4)), &v, 2);
         }
   mbar_emulation::update(bar, 0, 0, int32_t(off));
 }
