@@ -114,7 +114,9 @@ std::atomic<long long> g_tma_launches{0};
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
           bool kMasked = false>
 void dispatch(FwdArgs& args, bool p_table = false) {
-  if constexpr (kWgmma && !kMasked) {  // as launch.h
+  // As launch.h, and also at Dv = 72..128 (kFwdTmaAboveDv64: the emulator checks those kernels
+  // before launch.h takes them).
+  if constexpr (kWgmma && !kMasked) {
     using Probe = FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, true, 2, false, true>;
     constexpr int kBoxChannels = 8 * WgmmaVLayout<kDv, Probe::kBlockN>::kW;
     if (g_tma && args.d <= 128 && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
@@ -376,7 +378,7 @@ bool run_case(const Case& c) {
     c.relpos ? dispatch_dv<PvKind::kF16, true>(args, c.kernel, c.p_table)
              : dispatch_dv<PvKind::kF16, false>(args, c.kernel, c.p_table);
   }
-  // The TMA key tiles run exactly where launch.h takes them.
+  // The TMA key tiles run exactly where this driver takes them (launch.h, plus Dv = 72..128).
   const bool tma_expected = c.tma && (c.kernel == Kernel::kWgmma || c.kernel == Kernel::kWgmmaNarrow) &&
                             d <= 128 && args.v_async_ok;
   if ((g_tma_launches.load() != tma_before) != tma_expected) {
