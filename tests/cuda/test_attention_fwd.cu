@@ -1020,6 +1020,26 @@ TEST_P(AttentionFwdSm90Narrow, MatchesFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90Narrow, ::testing::ValuesIn(sm90_narrow_cases()),
                          case_test_name);
 
+// The cp.async key tiles of the Dv = 64 wgmma kernels (BINFORMER_FWD_TMA=0). By default the TMA
+// copies them wherever V is TMA-addressable (tma_desc.h: 16-byte aligned base and strides, i.e.
+// every case above but the unaligned ones), so the suites above run the TMA kernels there.
+class AttentionFwdSm90CpAsync : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionFwdSm90CpAsync, MatchesFloat64Reference) {
+  FWD_REQUIRE_GPU();
+  if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
+  ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
+  ScopedEnv tma("BINFORMER_FWD_TMA", "0");
+  // the narrow block on odd-indexed cases, the wide one on the others
+  ScopedEnv narrow("BINFORMER_FWD_SM90_NARROW", GetParam().seed % 2 == 1 ? "1" : "0");
+  run_against_reference(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90CpAsync, ::testing::ValuesIn(sm90_narrow_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return "cpasync_" + info.param.name.substr(7) + "_" + std::to_string(info.index);
+                         });
+
 class AttentionFwdMmaSync : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdMmaSync, MatchesFloat64Reference) {

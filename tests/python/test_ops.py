@@ -126,6 +126,13 @@ FEATURE_CASES = [
     Case(Nq=33, Nk=47, q_bits=True, d=256, dtype=torch.bfloat16),
     Case(B=2, H=3, Nq=31, Nk=45, strided=True),
     Case(B=2, H=3, Nq=31, Nk=45, strided=True, dtype=torch.float16, causal=True, bias="keys"),
+    # fp16/bf16 views of fused projections on the bounded kernels: on sm_90 the key tiles come through
+    # V's tensor map with these strides (Dv 64, with and without rel-pos; 128 and 72 once launch.h
+    # takes their TMA tiles), or the per-thread copies where the TMA cannot address V
+    Case(B=2, H=3, Nq=70, Nk=300, strided=True, dtype=torch.float16, q_scale="head", k_scale="head"),
+    Case(B=2, H=2, Nq=40, Nk=150, d=128, Dv=128, strided=True, dtype=torch.bfloat16, causal=True),
+    Case(H=2, Nq=40, Nk=140, d=72, Dv=72, strided=True, dtype=torch.float16),
+    Case(H=2, rel_pos=(9, 9, 1), strided=True, dtype=torch.float16, q_scale="head", k_scale="head"),
     Case(Nq=25, scale=0.05),
     Case(Nq=25, scale=1.0, q_scale="head", k_scale="head"),  # very peaked softmax
     Case(Nq=25, scale=0.0),  # uniform attention

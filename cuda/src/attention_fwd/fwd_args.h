@@ -10,6 +10,23 @@
 
 namespace binformer::cuda::fwd {
 
+// A TMA tensor map (CUtensorMap: 128 opaque bytes, 128-byte aligned since CUDA 13), encoded on the host
+// (tma_desc.h). The host emulator stores its own description of the tensor in the same bytes.
+struct alignas(128) TmaDescriptor {
+  uint64_t opaque[16];
+};
+// The tensor a TmaDescriptor describes: a [dims[3]][dims[2]][dims[1]][dims[0]] array of 16-bit
+// elements (dims[0] contiguous) with byte strides for dims 1-3, read in boxes of box[0..3]
+// elements whose rows of box[0] * 2 bytes land swizzled over that span (none for 16 bytes;
+// tma_desc.h encodes it; the host emulator copies it).
+struct TmaTensor4d {
+  const void* base;
+  uint64_t dims[4];
+  uint64_t strides[3];
+  uint32_t box[4];
+};
+static_assert(sizeof(TmaTensor4d) <= sizeof(TmaDescriptor), "the emulator keeps the geometry in the descriptor");
+
 // The K pre-pass (attention_fwd.cu) writes, per (batch*head, key) row of nk_pad rows:
 //   k_bits      [B*H][nk_pad][k_words] uint32   signs of k (flipped where k_scale < 0), zero pad
 //   k_colc      [B*H][nk_pad] float            -(2^23 + 2^22) - 2*popcount(k bits): the column
@@ -41,6 +58,9 @@ struct FwdArgs {
   const void* v;  // fp16 / bf16 / fp32 / int8 (pv_int8)
   int64_t v_stride[3];
   bool v_async_ok;  // every V row chunk is 16-byte aligned (cp.async); else synchronous copies
+  // V as a [B][H][Nk][dv] 16-bit tensor for the TMA key tiles (Tr::kTma kernels; tma_desc.h):
+  // boxes of one wgmma column block (8 W channels) x one key tile, keys past Nk zero-filled.
+  TmaDescriptor v_tma;
 
   void* out;
   DType out_dtype;

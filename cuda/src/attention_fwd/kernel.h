@@ -54,10 +54,11 @@ __host__ __device__ constexpr int ceil_div_c(int x, int m) { return (x + m - 1) 
 // kernel's dense and/or rel-pos bias. kBoundedShape_: the bounded kernels' block shape at
 // Dv <= 64 (tile_config.h BoundedShape). kWgmma_: the bounded kernel's sm_90a variant
 // (kernel_bounded.h with pv_wgmma.h): P.V by wgmma with V in a swizzled shared-memory layout,
-// Dv = 64, 72, 80, 96, 128.
+// Dv = 64, 72, 80, 96, 128. kTma_: that variant's key tiles copied by the TMA (d <= 128;
+// kernel_bounded.h "loads").
 template <int kDvPad_, PvKind kPv_, bool kDvMasked_, bool kHasBias_, QK kQK_ = QK::kRuntime,
           bool kBoundedRelPos_ = false, BoundedShape kBoundedShape_ = BoundedShape::kWide,
-          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2, bool kPTable_ = false>
+          bool kWgmma_ = false, int kWgmmaWideBlocks_ = 2, bool kPTable_ = false, bool kTma_ = false>
 struct FwdTraits {
   static constexpr int kDvPad = kDvPad_;
   static constexpr PvKind kPv = kPv_;
@@ -151,7 +152,12 @@ struct FwdTraits {
   static constexpr int kPTableOnesBytes = 512;
   static constexpr int kOffPTable = kStages * kStageBytes + (kQAliasesStage ? 0 : kQStageBytes);
   static constexpr int kPTableBytes = kPTable ? kPTableOnesBytes + round_up_c((64 + 2) * 4, 16) : 0;
-  static constexpr int kSmemFixed = kOffPTable + kPTableBytes;
+  // TMA key tiles: one mbarrier (8 bytes) per stage.
+  static constexpr bool kTma = kTma_;
+  static_assert(!kTma || (kWgmma && !kDvMasked && kQK != QK::kK256),
+                "TMA key tiles: the wgmma kernels, d <= 128 (16-byte K rows)");
+  static constexpr int kOffTmaBars = kOffPTable + kPTableBytes;
+  static constexpr int kSmemFixed = kOffTmaBars + (kTma ? round_up_c(8 * kStages, 16) : 0);
   // Extra dynamic shared memory the launcher requests so that the kernel can align its base to
   // kSmemAlign (the runtime guarantees less than 1024).
   static constexpr int kSmemAlignSlack = kWgmma ? kSmemAlign : 0;

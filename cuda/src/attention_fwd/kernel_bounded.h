@@ -155,7 +155,11 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   __device__ void run() {
     const int tid = threadIdx.x;
     const auto kt = Base::setup_block(tid);
-    copy_setup(tid);
+    if constexpr (Tr::kTma) {
+      if (tid == 0) tma_init_barriers();
+    } else {
+      copy_setup(tid);
+    }
     const int n_tiles = kt.n_tiles, first_masked = kt.first_masked;
 
     // The rel-pos window goes first (its own cp.async group), then the pipeline prologue.
@@ -183,7 +187,12 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     for (int e = 0; e < 4; ++e) lsum[0][e] = 0.0f;
 
     for (int it = 0; it < n_tiles; ++it) {
-      cp_async_wait<Tr::kStages - 2>();
+      if constexpr (Tr::kTma) {
+        mbar_wait(tma_barrier(it % Tr::kStages), uint32_t(it / Tr::kStages) & 1u);
+        if constexpr (kRelPos) cp_async_wait<Tr::kStages - 2>();  // (the streamed table slice)
+      } else {
+        cp_async_wait<Tr::kStages - 2>();
+      }
       if constexpr (kRelPos) relpos_tile(tid, it % Tr::kStages);
       __syncthreads();  // tile `it` landed for every thread; stage (it-1) % kStages is free
       const int next = it + Tr::kStages - 1;
@@ -315,7 +324,10 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
   }
 
   __device__ __forceinline__ void load_tile_checked(int stage, int n_tile, int tid, int first_masked) {
-    if (n_tile >= first_masked) {
+    if constexpr (Tr::kTma) {
+      if (tid == 0) load_tile_tma(stage, n_tile);
+      load_relpos_slice(stage, n_tile, tid);
+    } else if (n_tile >= first_masked) {
       load_tile<true>(stage, n_tile, tid);
     } else {
       load_tile<false>(stage, n_tile, tid);
@@ -341,6 +353,23 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         cp_async_16(st_addr + Tr::kOffRelOff + uint32_t(c) * 16u, off_tile + uint32_t(c) * 16u, 16);
       }
     });
+    load_relpos_slice(stage, n_tile, tid);
+    if (!kVRowsMap && tid >= kVCopyThreads) return;  // (the 8-key mapping: past 8 chunks, no V)
+    // (zero-filled chunks name any valid global address: the tile's K bits)
+    if (a.v_async_ok) {
+      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
+        cp_async_16(st_addr + dst, src, bytes);
+      });
+    } else {  // (rows not 16-byte aligned)
+      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
+        Base::copy_16_sync(st + dst, src, bytes);
+      });
+    }
+  }
+
+  // Streamed rel-pos (a.relpos_stream): every thread copies its share of the table entries tile
+  // n_tile needs with this block's rows (4-byte cp.async: any alignment), in the tile's group.
+  __device__ __forceinline__ void load_relpos_slice(int stage, int n_tile, int tid) {
     if constexpr (kRelPos) {
       if (a.relpos_stream) {
         const RelPosWindow w = relpos_slice(n_tile);
@@ -356,16 +385,39 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
         for (int idx = tid; idx < w.len; idx += kThreads) cp_async_4(dst + 4u * uint32_t(idx), table + idx);
       }
     }
-    if (!kVRowsMap && tid >= kVCopyThreads) return;  // (the 8-key mapping: past 8 chunks, no V)
-    // (zero-filled chunks name any valid global address: the tile's K bits)
-    if (a.v_async_ok) {
-      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
-        cp_async_16(st_addr + dst, src, bytes);
-      });
-    } else {  // (rows not 16-byte aligned)
-      copy_v<kCheckKeys>(key0, tid, k_tile, [&](uint32_t dst, const char* src, int bytes) {
-        Base::copy_16_sync(st + dst, src, bytes);
-      });
+  }
+
+  // TMA (Tr::kTma): thread 0 issues the tile's copies, completing on the stage's mbarrier: the K
+  // bits, the column constants and the rel-pos column offsets (contiguous workspace rows) as bulk
+  // copies, V as VLayout's column blocks, each one box of V's tensor map (tma_desc.h) at {channel
+  // 8 W j, key0, h, b}: the box's swizzle (128 / 64 / 32 bytes or none for W = 8 / 4 / 2 / 1) is
+  // the wgmma layout, and keys past Nk arrive as zeros, as the masked copies write them. The
+  // block's other threads issue nothing (the cp.async tile: ~75 instructions a thread at Dv = 64).
+  static constexpr uint32_t kTmaTileBytes = uint32_t(kBlockN) * (16u + 4u + (kRelPos ? 4u : 0u)) + VLayout::kTileBytes;
+  __device__ __forceinline__ uint32_t tma_barrier(int stage) const {
+    return smem_u32(smem + Tr::kOffTmaBars) + 8u * uint32_t(stage);
+  }
+  __device__ __forceinline__ void tma_init_barriers() const {
+#pragma unroll
+    for (int s = 0; s < Tr::kStages; ++s) mbar_init(tma_barrier(s), 1);
+    mbar_init_fence();
+  }
+  __device__ __forceinline__ void load_tile_tma(int stage, int n_tile) const {
+    static_assert(Tr::kTma && kKRowBytes == 16 && Tr::kKPitchWords == 4 &&
+                      VLayout::kTileBytes == uint32_t(kBlockN) * Tr::kDvPad * 2u,
+                  "TMA tiles: 16-byte K rows, V tiles of whole column blocks");
+    const uint32_t st = smem_u32(smem + stage * Tr::kStageBytes);
+    const uint32_t bar = tma_barrier(stage);
+    const int key0 = n_tile * kBlockN;
+    const int64_t key_row = int64_t(bh) * a.nk_pad + key0;
+    mbar_arrive_expect_tx(bar, kTmaTileBytes);
+    tma_bulk_load(st + Tr::kOffKBits, reinterpret_cast<const char*>(a.k_bits) + key_row * 16, kBlockN * 16u, bar);
+    tma_bulk_load(st + Tr::kOffColc, a.k_colc + key_row, kBlockN * 4u, bar);
+    if constexpr (kRelPos) tma_bulk_load(st + Tr::kOffRelOff, a.relpos_off + key0, kBlockN * 4u, bar);
+#pragma unroll
+    for (int j = 0; j < VLayout::kColumnBlocks; ++j) {
+      tma_load_4d(st + Tr::kOffV + uint32_t(j) * VLayout::kColumnBlockBytes, &a.v_tma, 8 * VLayout::kW * j, key0, h, b,
+                  bar);
     }
   }
 
@@ -534,6 +586,9 @@ struct FwdBoundedBlock : FwdBlock<Tr, false> {
     }
     // wgmma: one vote per block (the fixed and online paths issue different wgmma instructions).
     if constexpr (kWgmma) {
+      // TMA: the shared memory written so far (packed Q, which the last stage aliases, the P
+      // table) before the asynchronous proxy's writes and reads.
+      if constexpr (Tr::kTma) fence_proxy_async_smem();
       fixed = __syncthreads_and(start_fixed) != 0;
     } else {
       fixed = __all_sync(0xffffffffu, start_fixed);

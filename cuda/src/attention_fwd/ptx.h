@@ -405,6 +405,82 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// ------------------------------------------------------------------ TMA (sm_90a)
+// The bounded wgmma kernels' key tiles at Dv = 64 (kernel_bounded.h, Tr::kTma): one thread issues
+// a tile's copies on the tensor memory accelerator (V through the tensor map of FwdArgs::v_tma,
+// the K bits and column constants as plain bulk copies), and an mbarrier per stage counts the
+// bytes landing (transaction count); every thread waits on the stage's phase.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+#else
+  __trap();
+#endif
+}
+// Makes the initialised barriers visible to the asynchronous proxy (the TMA unit).
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// Orders this thread's earlier shared-memory accesses (generic proxy) before its next TMA writes.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// The producer's arrival, announcing the bytes the stage's copies will bring.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#else
+  __trap();
+#endif
+}
+// Returns once the barrier's phase `parity` (0 or 1) has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+// bytes (a multiple of 16) from 16-byte aligned global memory to shared memory.
+__device__ __forceinline__ void tma_bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+// The box of the 4-d tensor map at element coordinates (c0 innermost, .. c3).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tmap, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+#if defined(BINFORMER_FWD_WGMMA_CODE)
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
 // ------------------------------------------------------------------ arithmetic
 // 2^x on the special-function unit (MUFU.EX2, ~2^-22 relative error, subnormal results -> 0).
 __device__ __forceinline__ float ex2_approx(float x) {

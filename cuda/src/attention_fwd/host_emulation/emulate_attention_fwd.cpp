@@ -21,6 +21,7 @@
 #include "host_emulation/fwd_ptx_emulation.h"
 #include "kernel_bounded.h"
 #include "pack_keys.h"
+#include "tma_desc.h"
 
 using namespace binformer;
 using namespace binformer::cuda::fwd;
@@ -52,6 +53,7 @@ struct Case {
   // attention_fwd.cu does), V starting v_offset elements in (odd: the synchronous V copies).
   int out_pad = 0, out_offset = 0, v_offset = 0;
   bool p_table = true;  // wgmma kernels: the P table where eligible (else ex2 throughout)
+  bool tma = true;      // wgmma kernels at Dv = 64: the TMA key tiles where eligible (else cp.async)
   uint32_t seed = 1;
 };
 
@@ -105,9 +107,29 @@ void launch(FwdArgs args) {
                         smem, args);
 }
 
+// The case's TMA choice (Case::tma), and the kernels launched with TMA key tiles (as launch.h).
+bool g_tma = true;
+std::atomic<long long> g_tma_launches{0};
+
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
           bool kMasked = false>
 void dispatch(FwdArgs& args, bool p_table = false) {
+  // As launch.h, and also at Dv = 72..128 (kFwdTmaAboveDv64: the emulator checks those kernels
+  // before launch.h takes them).
+  if constexpr (kWgmma && !kMasked) {
+    using Probe = FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, true, 2, false, true>;
+    constexpr int kBoxChannels = 8 * WgmmaVLayout<kDv, Probe::kBlockN>::kW;
+    if (g_tma && args.d <= 128 && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
+      ++g_tma_launches;
+      if constexpr (!kRelPos && kShape == BoundedShape::kNarrow) {
+        if (p_table && args.d <= 64 && fwd_p_table_wanted(args)) {
+          return launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, false, kShape, true, 2, true, true>>(args);
+        }
+      }
+      if (args.d <= 64) return launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, kRelPos, kShape, true, 2, false, true>>(args);
+      return launch<FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, true, 2, false, true>>(args);
+    }
+  }
   if constexpr (kWgmma && !kRelPos && !kMasked && kShape == BoundedShape::kNarrow) {  // as launch.h
     if (p_table && args.d <= 64 && fwd_p_table_wanted(args)) {
       return launch<FwdTraits<kDv, kPv, false, false, QK::kDup128, false, kShape, true, 2, true>>(args);
@@ -347,12 +369,21 @@ bool run_case(const Case& c) {
     args.relpos_stream = c.relpos_stream;  // (launch() sizes the window / slices per shape)
   }
   args.causal = c.causal;
+  g_tma = c.tma;
+  const long long tma_before = g_tma_launches.load();
   if (c.bf16) {
     c.relpos ? dispatch_dv<PvKind::kBF16, true>(args, c.kernel, c.p_table)
              : dispatch_dv<PvKind::kBF16, false>(args, c.kernel, c.p_table);
   } else {
     c.relpos ? dispatch_dv<PvKind::kF16, true>(args, c.kernel, c.p_table)
              : dispatch_dv<PvKind::kF16, false>(args, c.kernel, c.p_table);
+  }
+  // The TMA key tiles run exactly where this driver takes them (launch.h, plus Dv = 72..128).
+  const bool tma_expected = c.tma && (c.kernel == Kernel::kWgmma || c.kernel == Kernel::kWgmmaNarrow) &&
+                            d <= 128 && args.v_async_ok;
+  if ((g_tma_launches.load() != tma_before) != tma_expected) {
+    std::printf("FAIL %s: TMA key tiles %s\n", c.name.c_str(), tma_expected ? "expected, not run" : "ran unexpectedly");
+    return false;
   }
 
   ref::RefProblem p;
@@ -524,6 +555,17 @@ int main(int argc, char** argv) {
       Case w = c;
       w.p_table = false;
       w.name = "ex2_" + c.name;
+      nt.push_back(w);
+    }
+    for (Case& w : nt) add(w);
+  }
+  {  // the cp.async key tiles where the TMA would run (BINFORMER_FWD_TMA=0, or V not TMA-addressable)
+    std::vector<Case> nt;
+    for (const Case& c : cases) {
+      if ((c.kernel != Kernel::kWgmma && c.kernel != Kernel::kWgmmaNarrow) || c.d > 128) continue;
+      Case w = c;
+      w.tma = false;
+      w.name = "cpasync_" + c.name;
       nt.push_back(w);
     }
     for (Case& w : nt) add(w);

@@ -7,7 +7,11 @@
 // from the CTA's dynamic shared memory. Not part of any build: see emulate_attention_fwd.cpp.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <mutex>
+#include <thread>
 #include <deque>
 #include <vector>
 #include <cstdint>
@@ -15,6 +19,7 @@
 #include <cstring>
 
 #include "bwd_emulation.h"
+#include "fwd_args.h"
 
 // ---------------------------------------------------------------- CUDA types and intrinsics
 #define __shared__ static  // block-scope shared arrays: one per kernel (CTAs run one at a time)
@@ -415,6 +420,100 @@ inline void cp_async_4(uint32_t dst, const void* src) { std::memcpy(smem_ptr(dst
 inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}
+
+// ------------------------------------------------------------------ TMA and mbarriers
+// Written from the PTX ISA (mbarrier phases and transaction counts; cp.async.bulk and
+// cp.async.bulk.tensor .tile with the 128 / 64 / 32-byte swizzles: 16-byte chunk j of a row at
+// shared address A lands at chunk j ^ ((A >> 7) & (span / 16 - 1)), out-of-bound elements zero) and the tensor
+// geometry that tma_desc.h stores in the descriptor under emulation. The copies complete when
+// issued; the waits spin until the phase has completed (a wrong byte count or parity hangs:
+// aborted after 30 s).
+namespace mbar_emulation {
+struct State {
+  uint8_t arrivals, pending, phase, pad;
+  int32_t tx;
+};
+static_assert(sizeof(State) == 8, "one mbarrier: 8 bytes of shared memory");
+inline std::mutex mutex;
+inline State* at(uint32_t bar) {
+  if ((bar & 7u) != 0) std::abort();  // mbarriers are 8-byte aligned
+  return reinterpret_cast<State*>(smem_ptr(bar));
+}
+// One arrival and / or completed bytes; the phase completes when both reach zero.
+inline void update(uint32_t bar, int arrive, int32_t expect, int32_t done) {
+  std::lock_guard<std::mutex> lock(mutex);
+  State* st = at(bar);
+  if (st->arrivals == 0) std::abort();  // not initialised
+  st->tx += expect - done;
+  if (arrive != 0) {
+    if (st->pending == 0) std::abort();
+    st->pending = uint8_t(st->pending - 1);
+  }
+  if (st->pending == 0 && st->tx == 0) {
+    st->phase ^= 1u;
+    st->pending = st->arrivals;
+  }
+}
+}  // namespace mbar_emulation
+
+inline void mbar_init(uint32_t bar, uint32_t arrivals) {
+  std::lock_guard<std::mutex> lock(mbar_emulation::mutex);
+  mbar_emulation::State* st = mbar_emulation::at(bar);
+  *st = mbar_emulation::State{uint8_t(arrivals), uint8_t(arrivals), 0, 0, 0};
+}
+inline void mbar_init_fence() {}
+inline void fence_proxy_async_smem() {}
+inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { mbar_emulation::update(bar, 1, int32_t(bytes), 0); }
+inline void mbar_wait(uint32_t bar, uint32_t parity) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mbar_emulation::mutex);
+      if (mbar_emulation::at(bar)->phase != parity) return;  // phase `parity` completed
+    }
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(30)) {
+      std::fprintf(stderr, "mbarrier wait (parity %u) never completed\n", parity);
+      std::abort();
+    }
+    std::this_thread::yield();
+  }
+}
+inline void tma_bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  if ((dst & 15u) != 0 || (reinterpret_cast<uintptr_t>(src) & 15u) != 0 || bytes % 16 != 0) std::abort();
+  smem_ptr(dst + bytes - 1);
+  std::memcpy(smem_ptr(dst), src, bytes);
+  mbar_emulation::update(bar, 0, 0, int32_t(bytes));
+}
+inline void tma_load_4d(uint32_t dst, const void* tmap, int c0, int c1, int c2, int c3, uint32_t bar) {
+  TmaTensor4d t;
+  std::memcpy(&t, tmap, sizeof(t));
+  // The swizzle spans a box row (box[0] * 2 = 128, 64, 32 bytes; 16: none): chunk j of the span
+  // XOR address bits 7.. (as many bits as the span has chunk bits); the destination is aligned
+  // to the pattern's repeat (8 rows).
+  const uint32_t span = t.box[0] * 2;
+  if (span != 128 && span != 64 && span != 32 && span != 16) std::abort();
+  const uint32_t swz_mask = span / 16 - 1;
+  if (span > 16 && (dst % (8 * span)) != 0) std::abort();
+  const int c[4] = {c0, c1, c2, c3};
+  uint32_t off = 0;
+  for (uint32_t i3 = 0; i3 < t.box[3]; ++i3)
+    for (uint32_t i2 = 0; i2 < t.box[2]; ++i2)
+      for (uint32_t i1 = 0; i1 < t.box[1]; ++i1)
+        for (uint32_t i0 = 0; i0 < t.box[0]; ++i0, off += 2) {
+          const int64_t x[4] = {int64_t(c[0]) + i0, int64_t(c[1]) + i1, int64_t(c[2]) + i2, int64_t(c[3]) + i3};
+          uint16_t v = 0;
+          bool inside = true;
+          for (int k = 0; k < 4; ++k) inside &= x[k] >= 0 && uint64_t(x[k]) < t.dims[k];
+          if (inside) {
+            const auto* src = static_cast<const unsigned char*>(t.base) + x[0] * 2 + x[1] * int64_t(t.strides[0]) +
+                              x[2] * int64_t(t.strides[1]) + x[3] * int64_t(t.strides[2]);
+            std::memcpy(&v, src, 2);
+          }
+          const uint32_t addr = dst + off;
+          std::memcpy(smem_ptr(addr ^ (((addr >> 7) & swz_mask) << 4)), &v, 2);
+        }
+  mbar_emulation::update(bar, 0, 0, int32_t(off));
+}
 
 // ------------------------------------------------------------------ arithmetic
 // ex2.approx.ftz.f32: 2^x with ~2^-22 relative error; subnormal results flush to 0.
