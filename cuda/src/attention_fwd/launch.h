@@ -175,12 +175,12 @@ template <int kDvPad, PvKind kPv, bool kDvMasked, bool kRelPos, BoundedShape kSh
           int kWgmmaWideBlocks = 2>
 cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
   constexpr int kB = kWgmmaWideBlocks;
-  // sm_90a at d <= 128 (16-byte K rows): the key tiles on the TMA where V's layout allows
-  // (tma_desc.h; BINFORMER_FWD_TMA=0 keeps cp.async), 2 blocks per SM at Dv > 64.
-  if constexpr (kWgmma && !kDvMasked && kB == 2 && (kDvPad == 64 || kFwdTmaAboveDv64)) {
+  // sm_90a at d <= 128 (16-byte K rows): the key tiles on the TMA where V's layout allows and
+  // BINFORMER_FWD_TMA asks for them (tma_desc.h), 2 blocks per SM at Dv > 64.
+  if constexpr (kWgmma && !kDvMasked && kB == 2) {
     using Probe = FwdTraits<kDvPad, kPv, false, false, QK::kK128, kRelPos, kShape, true, kB, false, true>;
     constexpr int kBoxChannels = 8 * WgmmaVLayout<kDvPad, Probe::kBlockN>::kW;
-    if (args.d <= 128 && fwd_tma_wanted() && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
+    if (args.d <= 128 && fwd_tma_wanted(kDvPad) && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
       if constexpr (!kRelPos && kShape == BoundedShape::kNarrow) {
         if (args.d <= 64 && fwd_p_table_wanted(args)) {
           return launch_bounded<FwdTraits<kDvPad, kPv, false, false, QK::kDup128, false, kShape, true, kB, true, true>>(args, stream);

@@ -20,14 +20,15 @@
 
 namespace binformer::cuda::fwd {
 
-// The TMA tiles of Dv = 72..128 (64- / 32-byte / no swizzle, several boxes a tile) pass the host
-// emulator but have not run on a GPU yet (NOTES v18): launch.h takes them once they have.
-inline constexpr bool kFwdTmaAboveDv64 = false;
-
-// BINFORMER_FWD_TMA=0 (read at every call: A/B in one process) keeps the cp.async key tiles.
-inline bool fwd_tma_wanted() {
+// BINFORMER_FWD_TMA (read at every call: A/B in one process): unset or 1, the TMA key tiles at
+// Dv = 64; 0, the cp.async tiles everywhere; "all", the TMA tiles at Dv = 72..128 too (64- / 32-byte
+// or no swizzle, several boxes a tile). Those pass the host emulator but have not run on a GPU yet
+// (NOTES v18): they become the default once a device run has checked them (gtest
+// AttentionFwdSm90TmaAll, the gbench A/B).
+inline bool fwd_tma_wanted(int dv_pad) {
   const char* env = std::getenv("BINFORMER_FWD_TMA");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return dv_pad == 64 || (env != nullptr && std::strcmp(env, "all") == 0);
 }
 
 // The geometry of 16-bit V for boxes of box_channels (8, 16, 32 or 64: one wgmma column block)
