@@ -406,9 +406,9 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // ------------------------------------------------------------------ TMA (sm_90a)
-// The bounded wgmma kernels' key tiles at Dv = 64 (kernel_bounded.h, Tr::kTma): one thread issues
-// a tile's copies on the tensor memory accelerator (V through the tensor map of FwdArgs::v_tma,
-// the K bits and column constants as plain bulk copies), and an mbarrier per stage counts the
+// The bounded wgmma kernels' key tiles (kernel_bounded.h, Tr::kTma): one thread issues a tile's
+// copies on the tensor memory accelerator (V through the tensor map of FwdArgs::v_tma, the K bits,
+// column constants and rel-pos offsets as plain bulk copies), and an mbarrier per stage counts the
 // bytes landing (transaction count); every thread waits on the stage's phase.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
 #if defined(BINFORMER_FWD_WGMMA_CODE)

@@ -58,16 +58,15 @@ inline bool fwd_v_tma_tensor(const FwdArgs& a, int box_channels, int block_n, Tm
 
 #if defined(BINFORMER_FWD_HOST_EMULATION)
 // The emulated TMA (fwd_ptx_emulation.h) reads the geometry itself.
-inline bool fwd_encode_v_tma(FwdArgs& a, int box_channels, int block_n) {
-  TmaTensor4d t{};
-  if (!fwd_v_tma_tensor(a, box_channels, block_n, t)) return false;
-  std::memset(&a.v_tma, 0, sizeof(a.v_tma));
-  std::memcpy(&a.v_tma, &t, sizeof(t));
+inline bool fwd_tma_encode(const TmaTensor4d& t, TmaDescriptor& desc) {
+  std::memset(&desc, 0, sizeof(desc));
+  std::memcpy(&desc, &t, sizeof(t));
   return true;
 }
 #else
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-inline bool fwd_encode_v_tma(FwdArgs& a, int box_channels, int block_n) {
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda); the
+// swizzle spans a box row (128, 64, 32 bytes; none for 16).
+inline bool fwd_tma_encode(const TmaTensor4d& t, TmaDescriptor& desc) {
   using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -84,22 +83,27 @@ inline bool fwd_encode_v_tma(FwdArgs& a, int box_channels, int block_n) {
   }();
   static_assert(sizeof(CUtensorMap) == sizeof(TmaDescriptor) && alignof(TmaDescriptor) >= alignof(CUtensorMap),
                 "TmaDescriptor holds a CUtensorMap");
-  TmaTensor4d t{};
-  if (encode == nullptr || !fwd_v_tma_tensor(a, box_channels, block_n, t)) return false;
-  const CUtensorMapSwizzle swizzle = box_channels == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
-                                     : box_channels == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
-                                     : box_channels == 16 ? CU_TENSOR_MAP_SWIZZLE_32B
-                                                          : CU_TENSOR_MAP_SWIZZLE_NONE;
+  if (encode == nullptr) return false;
+  const CUtensorMapSwizzle swizzle = t.box[0] == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : t.box[0] == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                     : t.box[0] == 16 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                      : CU_TENSOR_MAP_SWIZZLE_NONE;
   const cuuint64_t dims[4] = {t.dims[0], t.dims[1], t.dims[2], t.dims[3]};
   const cuuint64_t strides[3] = {t.strides[0], t.strides[1], t.strides[2]};
   const cuuint32_t box[4] = {t.box[0], t.box[1], t.box[2], t.box[3]};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult r = encode(reinterpret_cast<CUtensorMap*>(&a.v_tma), CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
+  const CUresult r = encode(reinterpret_cast<CUtensorMap*>(&desc), CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
                             const_cast<void*>(t.base), dims, strides, box, element_strides,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 #endif
+
+// a.v_tma for boxes of one column block x block_n keys; false: the cp.async tiles.
+inline bool fwd_encode_v_tma(FwdArgs& a, int box_channels, int block_n) {
+  TmaTensor4d t{};
+  return fwd_v_tma_tensor(a, box_channels, block_n, t) && fwd_tma_encode(t, a.v_tma);
+}
 
 }  // namespace binformer::cuda::fwd
