@@ -88,6 +88,19 @@ __device__ __forceinline__ float key_scale(const PackKeysArgs& a, uint32_t b, ui
                                       int64_t(h) * a.k_scale_stride[1] + int64_t(j) * a.k_scale_stride[2])
                               : 1.0f;
 }
+// The key row this thread packs, with kLanes lanes a row and kPackRowsPerBlock rows a block (a
+// block covers one slab of one head): the head's (b * H + h, b, h) and the key index j.
+struct KeyRow {
+  uint32_t bh, b, h;
+  int j;
+};
+template <int kLanes>
+__device__ __forceinline__ KeyRow key_row_of(const PackKeysArgs& a) {
+  const uint32_t bh = blockIdx.x / uint32_t(a.blocks_per_head);
+  const int j = int(blockIdx.x - bh * uint32_t(a.blocks_per_head)) * kPackRowsPerBlock + int(threadIdx.x / kLanes);
+  const uint32_t b = bh / uint32_t(a.H);
+  return KeyRow{bh, b, bh - b * uint32_t(a.H), j};
+}
 __device__ __forceinline__ float key_colc(int popcount) { return -(25165824.0f + 2.0f * float(popcount)); }
 __device__ __forceinline__ void write_relpos_off(const PackKeysArgs& a, int j) {
   int off = 0;
@@ -108,9 +121,7 @@ __global__ void __launch_bounds__(kPackThreads)
     relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
     return;
   }
-  const uint32_t bh = blockIdx.x / uint32_t(a.blocks_per_head);
-  const int j0 = int(blockIdx.x - bh * uint32_t(a.blocks_per_head)) * kPackRowsPerBlock + int(threadIdx.x / 8);
-  const uint32_t b = bh / uint32_t(a.H), h = bh - b * uint32_t(a.H);
+  const auto [bh, b, h, j0] = key_row_of<8>(a);
   const int c = int(threadIdx.x % 8);
   const int d_bytes = a.d / 8;
   const int esize = kDtype == DType::kFloat16 || kDtype == DType::kBFloat16 ? 2 : 4;
@@ -186,9 +197,7 @@ __global__ void __launch_bounds__(kPackThreads)
     relpos_range_block(a, int(blockIdx.x - a.pack_blocks));
     return;
   }
-  const uint32_t bh = blockIdx.x / uint32_t(a.blocks_per_head);
-  const int j = int(blockIdx.x - bh * uint32_t(a.blocks_per_head)) * kPackRowsPerBlock + int(threadIdx.x / 2);
-  const uint32_t b = bh / uint32_t(a.H), h = bh - b * uint32_t(a.H);
+  const auto [bh, b, h, j] = key_row_of<2>(a);
   const int p = int(threadIdx.x % 2);
   const int d_bytes = a.d / 8;
   const int j_load = min(j, a.Nk - 1);  // (rows past Nk read row Nk - 1, then count as zero)
