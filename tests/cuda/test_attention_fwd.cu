@@ -927,6 +927,19 @@ class ScopedEnv {
   bool had_ = false;
 };
 
+// Test names of a suite that reruns cases under a switch: `prefix` + the case name without its
+// first `strip` characters (the source suite's prefix) + the index.
+// (A functor constructed with parentheses: nvcc's host pass does not take a returned lambda inside
+// the gtest macro, and a braced initializer's comma splits the macro's arguments.)
+struct RenamedCase {
+  RenamedCase(std::string prefix_, size_t strip_) : prefix(std::move(prefix_)), strip(strip_) {}
+  std::string prefix;
+  size_t strip;
+  std::string operator()(const ::testing::TestParamInfo<Case>& info) const {
+    return prefix + info.param.name.substr(strip) + "_" + std::to_string(info.index);
+  }
+};
+
 std::vector<Case> sm90_cases() {
   std::vector<Case> cs;
   for (Case c : all_cases()) {
@@ -1036,9 +1049,7 @@ TEST_P(AttentionFwdSm90CpAsync, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90CpAsync, ::testing::ValuesIn(sm90_narrow_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return "cpasync_" + info.param.name.substr(7) + "_" + std::to_string(info.index);
-                         });
+                         RenamedCase("cpasync_", 7));
 
 // BINFORMER_FWD_TMA=all: the TMA key tiles at Dv = 72..128 as well (not yet the default, see
 // tma_desc.h), on every wgmma case (wide block; the narrow one is Dv = 64 only).
@@ -1055,9 +1066,7 @@ TEST_P(AttentionFwdSm90TmaAll, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90TmaAll, ::testing::ValuesIn(sm90_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return "tmaall_" + info.param.name.substr(5) + "_" + std::to_string(info.index);
-                         });
+                         RenamedCase("tmaall_", 5));
 
 class AttentionFwdMmaSync : public ::testing::TestWithParam<Case> {};
 
@@ -1068,9 +1077,7 @@ TEST_P(AttentionFwdMmaSync, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdMmaSync, ::testing::ValuesIn(sm90_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return "mmasync_" + info.param.name.substr(5) + "_" + std::to_string(info.index);
-                         });
+                         RenamedCase("mmasync_", 5));
 
 // Rel-pos in the bounded kernels with the table streamed per key tile (kernel_bounded.h
 // relpos_slice; launch.h takes it when a block's table window exceeds 64 KB, and
