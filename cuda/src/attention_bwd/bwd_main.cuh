@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(MainTraits<T, kHdim, kPipe, kNarrow, kWgmma, k
 attention_bwd_main_kernel(const BwdArgs a) {
   using Tr = MainTraits<T, kHdim, kPipe, kNarrow, kWgmma, kDvw>;
   constexpr int kM = Tr::kMTiles;
-#if !defined(BINFORMER_BWD_WGMMA_CODE)
+#if !defined(BINFORMER_WGMMA_CODE)
   if constexpr (kWgmma) return;  // sm_90a code only (the host launches it only there)
 #endif
   BINFORMER_BWD_DYNAMIC_SMEM(unsigned char, smem_raw);
@@ -544,7 +544,7 @@ attention_bwd_main_kernel(const BwdArgs a) {
           const uint64_t desc = Tr::DoLayout::desc(smem_addr(ys + kc * 16 * Tr::kDoStride));
           wgmma_fence();
 #pragma unroll
-          for (int mt = 0; mt < kM; ++mt) wgmma_m64nNk16_rs<T, kDvw>(acc[mt], pa[mt], desc);
+          for (int mt = 0; mt < kM; ++mt) wgmma_m64nNk16_rs<kDvw, std::is_same_v<T, __nv_bfloat16>>(acc[mt], pa[mt], desc);
           wgmma_commit();
         }
         // dP - D = V dO^T - D (k = channels); each dO fragment serves the kM m-tiles. No Dv

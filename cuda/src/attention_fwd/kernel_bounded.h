@@ -1118,7 +1118,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
     attention_fwd_bounded_wgmma_kernel(const __grid_constant__ FwdArgs args) {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   extern __shared__ __align__(128) unsigned char fwd_smem[];
   FwdBoundedBlock<Tr> block(args, align_smem_base<Tr::kSmemAlign>(fwd_smem));
   block.run();

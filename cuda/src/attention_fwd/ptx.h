@@ -23,6 +23,8 @@
 
 #include <cstdint>
 
+#include "../common/wgmma_ptx.h"
+
 namespace binformer::cuda::fwd {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -92,218 +94,22 @@ __device__ __forceinline__ void mma_u8s8_16832(int (&c)[4], const uint32_t (&a)[
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// ------------------------------------------------------------------ sm_90a: wgmma (P.V)
-// Warpgroup-level asynchronous MMA (PTX ISA "wgmma"), compiled only for sm_90a; elsewhere the
-// wrappers trap (the sm_90a kernels are launched only on sm_90 devices whose binary holds sm_90a
-// code, launch.h). Register fragments of wgmma.m64nNk16 for warp w (0..3) of the warpgroup:
-//   A (.f16/.bf16, 4 x b32): a0 = (16w + g, k 2t..2t+1), a1 = (16w + g + 8, k 2t..), a2 = (16w + g,
-//     k 2t+8..), a3 = (16w + g + 8, k 2t+8..): the m16n8k16 A layout of the warp's 16 rows;
-//   D (.f32, N/2 floats): d[4i + e] = (16w + g + 8 (e / 2), 8i + 2t + e % 2): the m16n8 C layout of
-//     n8 block i, so the mma.sync accumulator o[nd][e] is the wgmma accumulator unchanged.
-// B comes from shared memory through a matrix descriptor (pv_wgmma.h).
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define BINFORMER_FWD_WGMMA_CODE 1
-#endif
-
-// Orders this thread's earlier register writes (the P fragments) before the next wgmma reads.
-__device__ __forceinline__ void wgmma_fence() {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void wgmma_commit() {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
-}
-// Waits until at most N committed groups of this warpgroup are still in flight.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#else
-  __trap();
-#endif
-}
-// Keeps the compiler from moving accesses of an accumulator register across a wgmma fence /
-// wait (the asm statements above do not name the accumulators).
-__device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-__device__ __forceinline__ void reg_fence_u32(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
-
-// D(64 x N, f32) += A(64 x 16, registers) * B(16 x N, shared memory, MN-major: imm-trans-b = 1),
-// N = 8 (the P table's row sums), 64, 72, 80, 96, 128 (the f16/bf16 shapes with N a multiple of
-// 8 that the bounded kernel uses for Dv). The operand lists below are written out per N (N / 2 accumulator registers).
-template <int kN, bool kBF16>
-__device__ __forceinline__ void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4],
-                                                  uint64_t desc_b) {
-  static_assert(kN == 8 || kN == 64 || kN == 72 || kN == 80 || kN == 96 || kN == 128, "wgmma n");
-#if defined(BINFORMER_FWD_WGMMA_CODE)
-  if constexpr (kN == 8) {  // (the P table's row sums: P times a ones matrix, kernel_bounded.h)
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                             \
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPE "." TYPE " "                         \
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 1;\n}\n"                              \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])                             \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
-  }
-  if constexpr (kN == 64) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
-  }
-  if constexpr (kN == 72) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %41, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n72k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35}, "  \
-      "{%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
-  }
-  if constexpr (kN == 80) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n80k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35, %36, %37, %38, %39}, "  \
-      "{%40, %41, %42, %43}, %44, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
-  }
-  if constexpr (kN == 96) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n96k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "  \
-      "{%48, %49, %50, %51}, %52, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),  \
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),  \
-        "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
-  }
-  if constexpr (kN == 128) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "  \
-      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),  \
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),  \
-        "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),  \
-        "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),  \
-        "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),  \
-        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
-  }
-#else
-  __trap();
-#endif
-}
+// ------------------------------------------------------------------ sm_90a: wgmma
+// The fences, commit / wait and the f16 / bf16 P.V form come from common/wgmma_ptx.h (shared with
+// the backward); the b1 QK^T form and the TMA / mbarrier wrappers below are the forward's own, with
+// the same fragment layouts and the same guard (BINFORMER_WGMMA_CODE: sm_90a code only).
 
 // D(64 x N, s32) = A(64 x 256 bits, registers) AND.popc B(256 bits x N, shared memory, K-major):
 // the binary QK^T of a warpgroup's 64 query rows against N keys (BGMMA). The A fragment of warp w
 // is the m16n8k256 b1 layout of its 16 rows: a0 = (16w + g, k 32t..32t+31), a1 = (16w + g + 8,
 // k 32t..), a2 / a3 the same rows at k 128 + 32t; D is the m16n8 C layout per n8 block, as for
-// the f16 shapes above. scale-d = 0: D is overwritten (no accumulator input), so the registers
-// need no reset between tiles. N = 16, 32 or 64.
+// the f16 shapes (common/wgmma_ptx.h). scale-d = 0: D is overwritten (no accumulator input), so
+// the registers need no reset between tiles. N = 16, 32 or 64.
 template <int kN>
 __device__ __forceinline__ void wgmma_b1_m64nNk256_rs(int (&d)[kN / 8][4], const uint32_t (&a)[4],
                                                       uint64_t desc_b) {
   static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma b1 n");
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   if constexpr (kN == 16) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
@@ -411,7 +217,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // column constants and rel-pos offsets as plain bulk copies), and an mbarrier per stage counts the
 // bytes landing (transaction count); every thread waits on the stage's phase.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
 #else
   __trap();
@@ -419,7 +225,7 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
 }
 // Makes the initialised barriers visible to the asynchronous proxy (the TMA unit).
 __device__ __forceinline__ void mbar_init_fence() {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #else
   __trap();
@@ -427,7 +233,7 @@ __device__ __forceinline__ void mbar_init_fence() {
 }
 // Orders this thread's earlier shared-memory accesses (generic proxy) before its next TMA writes.
 __device__ __forceinline__ void fence_proxy_async_smem() {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #else
   __trap();
@@ -435,7 +241,7 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 }
 // The producer's arrival, announcing the bytes the stage's copies will bring.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 #else
   __trap();
@@ -443,7 +249,7 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 }
 // Returns once the barrier's phase `parity` (0 or 1) has completed.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
@@ -459,7 +265,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 // bytes (a multiple of 16) from 16-byte aligned global memory to shared memory.
 __device__ __forceinline__ void tma_bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
@@ -470,7 +276,7 @@ __device__ __forceinline__ void tma_bulk_load(uint32_t dst, const void* src, uin
 // The box of the 4-d tensor map at element coordinates (c0 innermost, .. c3).
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tmap, int c0, int c1, int c2, int c3,
                                             uint32_t bar) {
-#if defined(BINFORMER_FWD_WGMMA_CODE)
+#if defined(BINFORMER_WGMMA_CODE)
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
       "[%6];\n" ::"r"(dst),

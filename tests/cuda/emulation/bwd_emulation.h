@@ -313,7 +313,7 @@ inline const unsigned char* smem_ptr(uint32_t addr) {
 //    captured at issue), so a kernel that reads the accumulators or overwrites B's shared memory
 //    before the wait computes wrong values. A wgmma without a preceding fence, descriptors that
 //    differ across a warp, or operations still in flight when the thread exits abort.
-#define BINFORMER_BWD_WGMMA_CODE 1
+#define BINFORMER_WGMMA_CODE 1
 namespace wgmma_emulation {
 struct Op {
   float* d;         // the thread's n / 2 accumulator registers
@@ -444,8 +444,9 @@ inline void wgmma_m64n16k16_ss(float (&d)[2][4], uint64_t desc_a, uint64_t desc_
 }
 
 
-template <class T, int kN>
+template <int kN, bool kBF16>
 inline void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  using T = std::conditional_t<kBF16, __nv_bfloat16, __half>;
   static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma n (f16 / bf16: multiples of 8 up to 256)");
   using namespace bwd_emulation;
   if (!wgmma_emulation::fenced) std::abort();  // PTX: wgmma.fence before a wgmma reading new registers
@@ -454,7 +455,7 @@ inline void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uin
   s[4] = uint32_t(desc_b); s[5] = uint32_t(desc_b >> 32);
   warp_sync();
   const unsigned g = lane() / 4, base = warp_base();
-  wgmma_emulation::Op op{&d[0][0], {}, desc_b, std::is_same<T, __nv_bfloat16>::value};
+  wgmma_emulation::Op op{&d[0][0], {}, desc_b, kBF16};
   op.n = kN;
   for (unsigned h = 0; h < 2; ++h) {
     for (unsigned k = 0; k < 16; ++k) {
