@@ -81,17 +81,6 @@ inline float quantize(float x, DType dtype) {
   return x;
 }
 
-inline const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kFloat32: return "f32";
-    case DType::kFloat16: return "f16";
-    case DType::kBFloat16: return "bf16";
-    case DType::kBits: return "bits";
-    case DType::kInt8: return "i8";
-  }
-  return "?";
-}
-
 // ------------------------------------------------------------------ tensors
 // A 4-D tensor [B, H, N, X] stored in `dtype` with element strides; value() is the stored
 // value as double (what the reference must use).

@@ -21,15 +21,6 @@ namespace binformer::test {
 
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
 
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "fp32";
-    case DType::kFloat16: return "fp16";
-    case DType::kBFloat16: return "bf16";
-    default: return "?";
-  }
-}
-
 // Values stored in a dtype: host bits plus their exact double value.
 struct TypedArray {
   DType dtype = DType::kFloat32;

@@ -37,6 +37,7 @@
 #include "../../cuda/src/attention_fwd/tile_config.h"
 #include "../../cuda/src/attention_fwd/workspace_layout.h"
 #include "attention_fwd_reference.h"
+#include "cuda_test_helpers.h"
 #include "host_float_bits.h"
 #include "binformer/cuda_kernels.h"
 
@@ -46,17 +47,6 @@ using binformer::AttentionFwdParams;
 using binformer::DType;
 namespace bt = binformer::test::attention_fwd_ref;
 namespace fwd = binformer::cuda::fwd;
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "f32";
-    case DType::kFloat16: return "f16";
-    case DType::kBFloat16: return "bf16";
-    case DType::kBits: return "bits";
-    case DType::kInt8: return "i8";
-  }
-  return "?";
-}
 
 int esize(DType t) {
   return t == DType::kFloat16 || t == DType::kBFloat16 ? 2 : t == DType::kInt8 ? 1 : 4;
@@ -163,17 +153,6 @@ std::string describe(const Case& c) {
     << " pad=" << c.pad << " offset=" << c.offset << " seed=" << c.seed;
   return s.str();
 }
-
-// The kernels need sm_80+; without such a device (CI, the build machines) the tests skip.
-bool have_sm80_device() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return false;
-  int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-  return major >= 8;
-}
-#define FWD_REQUIRE_GPU() \
-  if (!have_sm80_device()) GTEST_SKIP() << "no CUDA device of compute capability >= 8.0"
 
 // gtest prints parameters with this (instead of a byte dump).
 void PrintTo(const Case& c, std::ostream* os) { *os << describe(c); }
@@ -874,7 +853,7 @@ void run_against_reference(const Case& c) {
 class AttentionFwd : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwd, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   run_against_reference(GetParam());
 }
 
@@ -899,7 +878,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
 // one line when the wgmma kernel is first launched.
 bool have_sm90_device() {
   int major = 0, minor = 0;
-  if (!have_sm80_device()) return false;
+  if (!binformer::test::have_sm80_device()) return false;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
   return major == 9 && minor == 0;
@@ -992,7 +971,7 @@ std::vector<Case> sm90_cases() {
 class AttentionFwdSm90 : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdSm90, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
   ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
   // Dv 72..128 too (v5): 2 blocks/SM unless the caller asked for the 1-block kernels (=2).
@@ -1023,7 +1002,7 @@ std::vector<Case> sm90_narrow_cases() {
 class AttentionFwdSm90Narrow : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdSm90Narrow, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
   ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
   ScopedEnv narrow("BINFORMER_FWD_SM90_NARROW", "1");
@@ -1039,7 +1018,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90Narrow, ::testing::ValuesIn(sm90
 class AttentionFwdSm90CpAsync : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdSm90CpAsync, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
   ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
   ScopedEnv tma("BINFORMER_FWD_TMA", "0");
@@ -1056,7 +1035,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90CpAsync, ::testing::ValuesIn(sm9
 class AttentionFwdSm90TmaAll : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdSm90TmaAll, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   if (!have_sm90_device()) GTEST_SKIP() << "the wgmma path needs a compute capability 9.0 device";
   ScopedEnv sm90("BINFORMER_FWD_SM90", "1");
   ScopedEnv sm90_wide("BINFORMER_FWD_SM90_WIDE", "1");
@@ -1071,7 +1050,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdSm90TmaAll, ::testing::ValuesIn(sm90
 class AttentionFwdMmaSync : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdMmaSync, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   ScopedEnv sm90("BINFORMER_FWD_SM90", "0");
   run_against_reference(GetParam());
 }
@@ -1109,7 +1088,7 @@ std::vector<Case> relpos_stream_cases() {
 class AttentionFwdRelPosStream : public ::testing::TestWithParam<Case> {};
 
 TEST_P(AttentionFwdRelPosStream, MatchesFloat64Reference) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   ScopedEnv stream("BINFORMER_FWD_RELPOS_STREAM", "1");
   run_against_reference(GetParam());
 }
@@ -1119,7 +1098,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwdRelPosStream, ::testing::ValuesIn(re
 
 // Same inputs, same bits: no atomics or order-dependent reductions in the forward pass.
 TEST(AttentionFwdDeterminism, RunToRunIdentical) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   for (bool pv_int8 : {false, true}) {
     Case c;
     c.name = "determinism";
@@ -1142,7 +1121,7 @@ TEST(AttentionFwdDeterminism, RunToRunIdentical) {
 
 // No keys at all: every row is "fully masked" (out 0, lse -inf).
 TEST(AttentionFwdEdge, NoKeys) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   Case c;
   c.name = "no_keys";
   c.Nq = 37;
@@ -1155,7 +1134,7 @@ TEST(AttentionFwdEdge, NoKeys) {
 
 // Arguments the kernel relies on are validated, never read out of bounds.
 TEST(AttentionFwdValidation, RejectsInvalidArguments) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   DeviceBuffer buf(1 << 20);  // real device memory, so that a wrongly accepted call stays in bounds
   AttentionFwdParams base{};
   base.B = base.H = 1;
@@ -1221,7 +1200,7 @@ TEST(AttentionFwdValidation, RejectsInvalidArguments) {
 // Scales as in bench/bench_gpu.py (per-head alpha_q = alpha_k = 0.8 ~ mean |N(0,1)|), rel-pos
 // tables 0.1 * N(0,1)-like values.
 TEST(AttentionFwdBench, DISABLED_PeerShapes) {
-  FWD_REQUIRE_GPU();
+  BF_REQUIRE_GPU();
   struct Shape {
     const char* what;
     int B, H, N, d;

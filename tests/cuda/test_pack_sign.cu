@@ -18,9 +18,6 @@ namespace binformer::test {
 namespace {
 
 size_t element_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-const char* dtype_name(DType t) {
-  return t == DType::kFloat32 ? "fp32" : t == DType::kFloat16 ? "fp16" : "bf16";
-}
 
 double decode(DType t, const uint8_t* p) {
   if (t == DType::kFloat32) {

@@ -21,6 +21,18 @@ enum class DType : int32_t {
   kInt8 = 4,   // V quantized per channel (pv_int8)
 };
 
+// A short name of the element type (messages, test descriptions).
+inline constexpr const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "fp32";
+    case DType::kFloat16: return "fp16";
+    case DType::kBFloat16: return "bf16";
+    case DType::kBits: return "bits";
+    case DType::kInt8: return "int8";
+  }
+  return "?";
+}
+
 inline constexpr int kMaxHeadDim = 256;
 inline constexpr int words_for(int d) { return (d + 31) / 32; }
 
