@@ -21,17 +21,6 @@ void check_launch(cudaError_t err, const char* op) {
   BINFORMER_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
 }
 
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "fp32";
-    case DType::kFloat16: return "fp16";
-    case DType::kBFloat16: return "bf16";
-    case DType::kBits: return "bits";
-    case DType::kInt8: return "int8";
-  }
-  return "?";
-}
-
 // Attention errors also say which problem failed (e.g. a configuration the kernels do not
 // support answers cudaErrorNotSupported).
 template <class Params>
