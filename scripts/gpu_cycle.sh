@@ -13,7 +13,8 @@
 #               64 MiB carry) in .carry/binformer_cuda_tests[_TAG].xz: unpacked first; without a
 #               build step the untagged one is build-tests/binformer_cuda_tests (gtest / sanitize)
 #   gbench_ab   the gbench of every carried binary, alternating for GBENCH_ROUNDS (2) rounds:
-#               compile-time A/B without a device build, logs gbench_<TAG>_<round>.log
+#               compile-time A/B without a device build, logs gbench_<TAG>_<round>.log, and the
+#               table of medians against GBENCH_BASE (bench/gbench_table.py) in gbench_table.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -90,7 +91,8 @@ if [[ $steps == *" gbench_ab "* ]]; then
           > "$OUT/gbench_${tag}_$round.log" 2>&1; log "gbench $tag round $round rc=$?"
     done
   done
-  for f in "$OUT"/gbench_*_?.log; do echo "== $f"; grep -E "us" "$f" | head -14; done
+  # medians over the rounds per arm and shape, against GBENCH_BASE (default: the arm `main` if carried)
+  python3 bench/gbench_table.py "$OUT" ${GBENCH_BASE:+--base "$GBENCH_BASE"} | tee "$OUT/gbench_table.txt"
 fi
 if [[ $steps == *" ab "* ]]; then
   log "baseline build (minimal, CMAKE_CUDA_FLAGS=${BASE_FLAGS:-})"
