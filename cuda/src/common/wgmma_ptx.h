@@ -55,161 +55,98 @@ __device__ __forceinline__ void reg_fence_u32(uint32_t& x) { asm volatile("" : "
 
 // D(64 x N, f32) += A(64 x 16, registers) * B(16 x N, shared memory, MN-major: imm-trans-b = 1),
 // N = 8 (the forward's P-table row sums), 64, 72, 80, 96, 128 (the forward's Dv, the backward's
-// dO widths). The operand lists below are written out per N (N / 2 accumulator registers).
+// dO widths). Inline asm names every accumulator register, so each N has its operand lists:
+// REGS the N / 2 accumulators %0.., then A's four registers, the descriptor and the scale-d
+// predicate's operand number; the accumulators follow as n8 blocks (BINFORMER_WGMMA_D).
+#define BINFORMER_WGMMA_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define BINFORMER_WGMMA_RS_ASM(SHAPE, TYPE, REGS, A_REGS, DESC, PRED, ...)                         \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                   \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " "                      \
+               "{" REGS "}, {" A_REGS "}, " DESC ", p, 1, 1, 1;\n}\n"                              \
+               : __VA_ARGS__                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
+#define BINFORMER_WGMMA_RS(SHAPE, REGS, A_REGS, DESC, PRED, ...)                                  \
+  if constexpr (kBF16) {                                                                          \
+    BINFORMER_WGMMA_RS_ASM(SHAPE, "bf16", REGS, A_REGS, DESC, PRED, __VA_ARGS__);                \
+  } else {                                                                                        \
+    BINFORMER_WGMMA_RS_ASM(SHAPE, "f16", REGS, A_REGS, DESC, PRED, __VA_ARGS__);                 \
+  }
+
 template <int kN, bool kBF16>
 __device__ __forceinline__ void wgmma_m64nNk16_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4],
                                                   uint64_t desc_b) {
   static_assert(kN == 8 || kN == 64 || kN == 72 || kN == 80 || kN == 96 || kN == 128, "wgmma n");
 #if defined(BINFORMER_WGMMA_CODE)
-  if constexpr (kN == 8) {  // (the P table's row sums: P times a ones matrix, kernel_bounded.h)
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                             \
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPE "." TYPE " "                         \
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 1;\n}\n"                              \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])                             \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
+  if constexpr (kN == 8) {
+    BINFORMER_WGMMA_RS("m64n8k16",
+                       "%0, %1, %2, %3",
+                       "%4, %5, %6, %7", "%8", "%9",
+                       BINFORMER_WGMMA_D(0));
   }
   if constexpr (kN == 64) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
+    BINFORMER_WGMMA_RS("m64n64k16",
+                       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+                       "%30, %31",
+                       "%32, %33, %34, %35", "%36", "%37",
+                       BINFORMER_WGMMA_D(0), BINFORMER_WGMMA_D(1), BINFORMER_WGMMA_D(2),
+                       BINFORMER_WGMMA_D(3), BINFORMER_WGMMA_D(4), BINFORMER_WGMMA_D(5),
+                       BINFORMER_WGMMA_D(6), BINFORMER_WGMMA_D(7));
   }
   if constexpr (kN == 72) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %41, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n72k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35}, "  \
-      "{%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
+    BINFORMER_WGMMA_RS("m64n72k16",
+                       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+                       "%30, %31, %32, %33, %34, %35",
+                       "%36, %37, %38, %39", "%40", "%41",
+                       BINFORMER_WGMMA_D(0), BINFORMER_WGMMA_D(1), BINFORMER_WGMMA_D(2),
+                       BINFORMER_WGMMA_D(3), BINFORMER_WGMMA_D(4), BINFORMER_WGMMA_D(5),
+                       BINFORMER_WGMMA_D(6), BINFORMER_WGMMA_D(7), BINFORMER_WGMMA_D(8));
   }
   if constexpr (kN == 80) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n80k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35, %36, %37, %38, %39}, "  \
-      "{%40, %41, %42, %43}, %44, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
+    BINFORMER_WGMMA_RS("m64n80k16",
+                       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+                       "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39",
+                       "%40, %41, %42, %43", "%44", "%45",
+                       BINFORMER_WGMMA_D(0), BINFORMER_WGMMA_D(1), BINFORMER_WGMMA_D(2),
+                       BINFORMER_WGMMA_D(3), BINFORMER_WGMMA_D(4), BINFORMER_WGMMA_D(5),
+                       BINFORMER_WGMMA_D(6), BINFORMER_WGMMA_D(7), BINFORMER_WGMMA_D(8),
+                       BINFORMER_WGMMA_D(9));
   }
   if constexpr (kN == 96) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n96k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "  \
-      "{%48, %49, %50, %51}, %52, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),  \
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),  \
-        "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
+    BINFORMER_WGMMA_RS("m64n96k16",
+                       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+                       "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+                       "%44, %45, %46, %47",
+                       "%48, %49, %50, %51", "%52", "%53",
+                       BINFORMER_WGMMA_D(0), BINFORMER_WGMMA_D(1), BINFORMER_WGMMA_D(2),
+                       BINFORMER_WGMMA_D(3), BINFORMER_WGMMA_D(4), BINFORMER_WGMMA_D(5),
+                       BINFORMER_WGMMA_D(6), BINFORMER_WGMMA_D(7), BINFORMER_WGMMA_D(8),
+                       BINFORMER_WGMMA_D(9), BINFORMER_WGMMA_D(10), BINFORMER_WGMMA_D(11));
   }
   if constexpr (kN == 128) {
-#define BINFORMER_WGMMA_ASM(TYPE)                                                             \
-  asm volatile(                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                            \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                        \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "  \
-      "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "  \
-      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                      \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),  \
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),  \
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),  \
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),  \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),  \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),  \
-        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),  \
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),  \
-        "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),  \
-        "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),  \
-        "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),  \
-        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1))
-    if constexpr (kBF16) {
-      BINFORMER_WGMMA_ASM("bf16");
-    } else {
-      BINFORMER_WGMMA_ASM("f16");
-    }
-#undef BINFORMER_WGMMA_ASM
+    BINFORMER_WGMMA_RS("m64n128k16",
+                       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+                       "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+                       "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+                       "%58, %59, %60, %61, %62, %63",
+                       "%64, %65, %66, %67", "%68", "%69",
+                       BINFORMER_WGMMA_D(0), BINFORMER_WGMMA_D(1), BINFORMER_WGMMA_D(2),
+                       BINFORMER_WGMMA_D(3), BINFORMER_WGMMA_D(4), BINFORMER_WGMMA_D(5),
+                       BINFORMER_WGMMA_D(6), BINFORMER_WGMMA_D(7), BINFORMER_WGMMA_D(8),
+                       BINFORMER_WGMMA_D(9), BINFORMER_WGMMA_D(10), BINFORMER_WGMMA_D(11),
+                       BINFORMER_WGMMA_D(12), BINFORMER_WGMMA_D(13), BINFORMER_WGMMA_D(14),
+                       BINFORMER_WGMMA_D(15));
   }
 #else
   __trap();
 #endif
 }
+#undef BINFORMER_WGMMA_RS
+#undef BINFORMER_WGMMA_RS_ASM
+#undef BINFORMER_WGMMA_D
 
 }  // namespace binformer::cuda
