@@ -36,6 +36,7 @@
 
 #include "../../cuda/src/attention_fwd/tile_config.h"
 #include "../../cuda/src/attention_fwd/workspace_layout.h"
+#include "../../cuda/src/sm90_support.h"
 #include "attention_fwd_reference.h"
 #include "cuda_test_helpers.h"
 #include "host_float_bits.h"
@@ -876,13 +877,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AttentionFwd, ::testing::ValuesIn(all_cases()),
 // narrow one), AttentionFwdMmaSync forces BINFORMER_FWD_SM90=0 (the mma.sync bounded kernels,
 // every device). With BINFORMER_FWD_SM90_LOG=1 the library prints
 // one line when the wgmma kernel is first launched.
-bool have_sm90_device() {
-  int major = 0, minor = 0;
-  if (!binformer::test::have_sm80_device()) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
-  return major == 9 && minor == 0;
-}
+bool have_sm90_device() { return binformer::cuda::device_is_sm90(); }
 
 // Sets an environment variable for the lifetime of the object, then restores it.
 class ScopedEnv {
