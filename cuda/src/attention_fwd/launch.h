@@ -180,7 +180,7 @@ cudaError_t run_bounded_qk(FwdArgs args, cudaStream_t stream) {
   if constexpr (kWgmma && !kDvMasked && kB == 2) {
     using Probe = FwdTraits<kDvPad, kPv, false, false, QK::kK128, kRelPos, kShape, true, kB, false, true>;
     constexpr int kBoxChannels = 8 * WgmmaVLayout<kDvPad, Probe::kBlockN>::kW;
-    if (args.d <= 128 && fwd_tma_wanted(kDvPad) && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
+    if (args.d <= 128 && fwd_tma_wanted() && fwd_encode_v_tma(args, kBoxChannels, Probe::kBlockN)) {
       if constexpr (!kRelPos && kShape == BoundedShape::kNarrow) {
         if (args.d <= 64 && fwd_p_table_wanted(args)) {
           return launch_bounded<FwdTraits<kDvPad, kPv, false, false, QK::kDup128, false, kShape, true, kB, true, true>>(args, stream);

@@ -21,14 +21,11 @@
 namespace binformer::cuda::fwd {
 
 // BINFORMER_FWD_TMA (read at every call: A/B in one process): unset or 1, the TMA key tiles at
-// Dv = 64; 0, the cp.async tiles everywhere; "all", the TMA tiles at Dv = 72..128 too (64- / 32-byte
-// or no swizzle, several boxes a tile). Those pass the host emulator but have not run on a GPU yet
-// (NOTES v18): they become the default once a device run has checked them (gtest
-// AttentionFwdSm90TmaAll, the gbench A/B).
-inline bool fwd_tma_wanted(int dv_pad) {
+// every wgmma width (Dv = 64..128); 0, the cp.async tiles everywhere. Measured on the H100 (device
+// run 55, NOTES v20): DiT -14%, 4096/128 -12% against the cp.async tiles at Dv = 72..128.
+inline bool fwd_tma_wanted() {
   const char* env = std::getenv("BINFORMER_FWD_TMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return dv_pad == 64 || (env != nullptr && std::strcmp(env, "all") == 0);
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 // The geometry of 16-bit V for boxes of box_channels (8, 16, 32 or 64: one wgmma column block)

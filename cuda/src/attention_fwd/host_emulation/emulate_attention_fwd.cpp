@@ -114,8 +114,7 @@ std::atomic<long long> g_tma_launches{0};
 template <int kDv, PvKind kPv, bool kRelPos, bool kWgmma = false, BoundedShape kShape = BoundedShape::kWide,
           bool kMasked = false>
 void dispatch(FwdArgs& args, bool p_table = false) {
-  // As launch.h with BINFORMER_FWD_TMA=all (the Dv = 72..128 tiles are checked here before they
-  // become launch.h's default).
+  // As launch.h (the TMA key tiles at every wgmma width unless the case asks for cp.async).
   if constexpr (kWgmma && !kMasked) {
     using Probe = FwdTraits<kDv, kPv, false, false, QK::kK128, kRelPos, kShape, true, 2, false, true>;
     constexpr int kBoxChannels = 8 * WgmmaVLayout<kDv, Probe::kBlockN>::kW;
@@ -378,7 +377,7 @@ bool run_case(const Case& c) {
     c.relpos ? dispatch_dv<PvKind::kF16, true>(args, c.kernel, c.p_table)
              : dispatch_dv<PvKind::kF16, false>(args, c.kernel, c.p_table);
   }
-  // The TMA key tiles run exactly where this driver takes them (launch.h with BINFORMER_FWD_TMA=all).
+  // The TMA key tiles run exactly where this driver takes them (as launch.h).
   const bool tma_expected = c.tma && (c.kernel == Kernel::kWgmma || c.kernel == Kernel::kWgmmaNarrow) &&
                             d <= 128 && args.v_async_ok;
   if ((g_tma_launches.load() != tma_before) != tma_expected) {
