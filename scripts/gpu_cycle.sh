@@ -8,9 +8,11 @@
 #   run compile-time A/B builds through `ab`, not from a separate script (run 49's failed).
 #   BENCH_TAG   suffix of the bench output files (A/B runs of the same step, e.g. with a runtime switch set)
 #   gbench      the disabled *Bench gtests (GBENCH_FILTER), kernel times without torch
-#   ab          a minimal (hdim64) build with BASE_FLAGS (the -D knobs of the baseline) and its gbench
-#   carried     test binaries built off the device (minimal sm_90a builds, `xz`-compressed to fit the
-#               64 MiB carry) in .carry/binformer_cuda_tests[_TAG].xz: unpacked first; without a
+#   ab          a minimal build with the bench widths (hdim64, fp16 72 / 128) and BASE_FLAGS (the -D
+#               knobs of the baseline), and its gbench
+#   carried     test binaries built off the device (minimal sm_90a builds, -DBINFORMER_CUDA_BENCH_WIDTHS=ON
+#               for every bench shape; `xz`-compressed to fit the 64 MiB carry: ~30 MB each) in
+#               .carry/binformer_cuda_tests[_TAG].xz: unpacked first; without a
 #               build step the untagged one is build-tests/binformer_cuda_tests (gtest / sanitize)
 #   gbench_ab   the gbench of every carried binary, alternating for GBENCH_ROUNDS (2) rounds:
 #               compile-time A/B without a device build, logs gbench_<TAG>_<round>.log, and the
@@ -95,9 +97,9 @@ if [[ $steps == *" gbench_ab "* ]]; then
   python3 bench/gbench_table.py "$OUT" ${GBENCH_BASE:+--base "$GBENCH_BASE"} | tee "$OUT/gbench_table.txt"
 fi
 if [[ $steps == *" ab "* ]]; then
-  log "baseline build (minimal, CMAKE_CUDA_FLAGS=${BASE_FLAGS:-})"
+  log "baseline build (minimal + bench widths, CMAKE_CUDA_FLAGS=${BASE_FLAGS:-})"
   cmake -S . -B /tmp/build-base -G Ninja -DBINFORMER_BUILD_PYTHON=OFF -DBINFORMER_BUILD_TESTS=ON \
-      -DBINFORMER_CUDA_ARCHS=90a -DBINFORMER_CUDA_MINIMAL=ON "-DCMAKE_CUDA_FLAGS=${BASE_FLAGS:-}" > "$OUT/build_base.log" 2>&1 &&
+      -DBINFORMER_CUDA_ARCHS=90a -DBINFORMER_CUDA_MINIMAL=ON -DBINFORMER_CUDA_BENCH_WIDTHS=ON "-DCMAKE_CUDA_FLAGS=${BASE_FLAGS:-}" > "$OUT/build_base.log" 2>&1 &&
   cmake --build /tmp/build-base -j 16 --target binformer_cuda_tests >> "$OUT/build_base.log" 2>&1 || { log "BASE BUILD FAILED"; tail -30 "$OUT/build_base.log"; }
   timeout 300 /tmp/build-base/binformer_cuda_tests --gtest_also_run_disabled_tests \
       --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" > "$OUT/gbench_base.log" 2>&1; log "gbench (baseline) rc=$?"

@@ -140,6 +140,9 @@ bool instance_available(const fwd::FwdConfig& c) {
 #define BINFORMER_FWD_HAVE(DV, PV, MASKED) \
   if (c.pv == PvKind::PV && c.dv_pad == DV && c.dv_masked == MASKED) return true;
   BINFORMER_FWD_INSTANCES_MINIMAL(BINFORMER_FWD_HAVE)
+#if !defined(BINFORMER_CUDA_MINIMAL) || defined(BINFORMER_CUDA_BENCH_WIDTHS)
+  BINFORMER_FWD_INSTANCES_BENCH_WIDTHS(BINFORMER_FWD_HAVE)
+#endif
 #if !defined(BINFORMER_CUDA_MINIMAL)
   BINFORMER_FWD_INSTANCES_FULL_ONLY(BINFORMER_FWD_HAVE)
 #endif
@@ -153,6 +156,9 @@ cudaError_t run_instance(const fwd::FwdConfig& c, const FwdArgs& args, cudaStrea
     return fwd::run_attention_fwd<DV, PvKind::PV, MASKED>(args, stream); \
   }
   BINFORMER_FWD_INSTANCES_MINIMAL(BINFORMER_FWD_RUN)
+#if !defined(BINFORMER_CUDA_MINIMAL) || defined(BINFORMER_CUDA_BENCH_WIDTHS)
+  BINFORMER_FWD_INSTANCES_BENCH_WIDTHS(BINFORMER_FWD_RUN)
+#endif
 #if !defined(BINFORMER_CUDA_MINIMAL)
   BINFORMER_FWD_INSTANCES_FULL_ONLY(BINFORMER_FWD_RUN)
 #endif

@@ -16,6 +16,9 @@ Naming: attention_fwd_hdim{Dv}_{vtype}_sm80.cu, where Dv is the P.V width (the v
 The CMake option BINFORMER_CUDA_MINIMAL drops every file matching
 "instantiations/.*hdim(32|72|80|96|128|256|generic)_"; the dispatcher then only references the
 instances listed in BINFORMER_FWD_INSTANCES_MINIMAL and reports cudaErrorNotSupported for others.
+BINFORMER_CUDA_BENCH_WIDTHS (with BINFORMER_CUDA_MINIMAL) keeps the fp16 kernels of the bench's
+other value widths too, Dv = 72 (DiT) and 128 (BINFORMER_FWD_INSTANCES_BENCH_WIDTHS): a test
+binary small enough to carry to the device that times every shape of the bench.
 """
 import pathlib
 import re
@@ -24,6 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]  # cuda/src
 OUT_DIR = ROOT / "instantiations"
 LIST_FILE = ROOT / "attention_fwd" / "instances.inc"
 MINIMAL_DROP = re.compile(r"instantiations/.*hdim(32|72|80|96|128|256|generic)_")
+BENCH_WIDTHS_KEEP = re.compile(r"instantiations/attention_fwd_hdim(72|128)_fp16_")
 
 PV_KIND = {"fp16": "kF16", "bf16": "kBF16", "fp32": "kTF32x3", "int8": "kU8S8"}
 SPECIALISED = [32, 64, 72, 80, 96, 128, 256]
@@ -49,7 +53,7 @@ def main():
     OUT_DIR.mkdir(exist_ok=True)
     for old in OUT_DIR.glob("attention_fwd_*.cu"):
         old.unlink()
-    minimal, full_only = [], []
+    minimal, bench_widths, full_only = [], [], []
     for stem, dv, vtype, masked in configurations():
         kind = PV_KIND[vtype]
         masked_s = "true" if masked else "false"
@@ -65,7 +69,13 @@ def main():
         )
         (OUT_DIR / f"{stem}.cu").write_text(text)
         entry = f"X({dv}, {kind}, {masked_s})"
-        (full_only if MINIMAL_DROP.search(f"instantiations/{stem}.cu") else minimal).append(entry)
+        path = f"instantiations/{stem}.cu"
+        if not MINIMAL_DROP.search(path):
+            minimal.append(entry)
+        elif BENCH_WIDTHS_KEEP.search(path):
+            bench_widths.append(entry)
+        else:
+            full_only.append(entry)
 
     def macro(name, entries):
         body = " \\\n".join(f"  {e}" for e in entries)
@@ -76,10 +86,13 @@ def main():
         + "// X(dv_pad, PvKind, dv_masked) for every instantiated forward configuration.\n"
         + "// Kept in the BINFORMER_CUDA_MINIMAL build:\n"
         + macro("BINFORMER_FWD_INSTANCES_MINIMAL", minimal)
+        + "// Kept in the BINFORMER_CUDA_MINIMAL build with BINFORMER_CUDA_BENCH_WIDTHS:\n"
+        + macro("BINFORMER_FWD_INSTANCES_BENCH_WIDTHS", bench_widths)
         + "// Compiled only in the full build:\n"
         + macro("BINFORMER_FWD_INSTANCES_FULL_ONLY", full_only)
     )
-    print(f"wrote {len(minimal) + len(full_only)} instantiation files ({len(minimal)} kept when minimal)")
+    total = len(minimal) + len(bench_widths) + len(full_only)
+    print(f"wrote {total} instantiation files ({len(minimal)} kept when minimal, {len(bench_widths)} more with the bench widths)")
 
 
 if __name__ == "__main__":
