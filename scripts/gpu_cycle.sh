@@ -31,16 +31,18 @@ fi
 { command -v g++; g++ --version | head -1; python3 -c "import torch, re; print(sorted(set(l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l)))"; } > "$OUT/toolchain.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 if ls .carry/binformer_cuda_tests*.xz >/dev/null 2>&1; then
-  # (once per carried file: a later step of the same call keeps what an earlier one put in /tmp)
+  # (once per carried file: a later step of the same call keeps what an earlier one put in /tmp;
+  # the checksums live outside the /tmp/binformer_cuda_tests* glob that lists the gbench arms)
+  mkdir -p /tmp/carried_sums
   for f in .carry/binformer_cuda_tests*.xz; do
-    t="/tmp/$(basename "$f" .xz)"; sum=$(cksum < "$f")
-    if [[ "$(cat "$t.carried" 2>/dev/null)" != "$sum" ]]; then
-      xz -dc "$f" > "$t" && chmod +x "$t" && echo "$sum" > "$t.carried"
+    name=$(basename "$f" .xz); sum=$(cksum < "$f")
+    if [[ ! -x "/tmp/$name" || "$(cat "/tmp/carried_sums/$name" 2>/dev/null)" != "$sum" ]]; then
+      xz -dc "$f" > "/tmp/$name" && chmod +x "/tmp/$name" && echo "$sum" > "/tmp/carried_sums/$name"
     fi
   done
   if [[ $steps != *" build "* && -f /tmp/binformer_cuda_tests ]]; then
     mkdir -p build-tests && cp /tmp/binformer_cuda_tests build-tests/binformer_cuda_tests
-    log "carried test binary: build-tests/binformer_cuda_tests ($(ls /tmp/binformer_cuda_tests* | grep -vc "\.carried$") carried)"
+    log "carried test binary: build-tests/binformer_cuda_tests ($(ls /tmp/binformer_cuda_tests* | wc -l) carried)"
   fi
 fi
 if [[ $steps == *" build "* ]]; then
@@ -93,7 +95,7 @@ fi
 if [[ $steps == *" gbench_ab "* ]]; then
   for round in $(seq 1 ${GBENCH_ROUNDS:-2}); do
     for bin in /tmp/binformer_cuda_tests*; do
-      [[ $bin == *.xz || $bin == *.carried ]] && continue
+      [[ $bin == *.xz ]] && continue
       tag=$(basename "$bin"); tag=${tag#binformer_cuda_tests}; tag=${tag#_}; tag=${tag:-new}
       timeout 200 "$bin" --gtest_also_run_disabled_tests --gtest_filter="${GBENCH_FILTER:-*AttentionFwdBench*}" \
           > "$OUT/gbench_${tag}_$round.log" 2>&1; log "gbench $tag round $round rc=$?"
